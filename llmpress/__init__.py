@@ -1,0 +1,79 @@
+"""llmpress: compress large language models, measure them honestly, save them where they run.
+
+    import llmpress as lp
+    model = lp.load("smollm2-135m")
+    report = lp.compress(model, lp.recipe("w4a16-gptq", group_size=64), calib=lp.data.calibration("wiki"))
+    lp.save(model, "out/")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmpress import data
+from llmpress.calibrate import CompressionReport
+from llmpress.eval.ppl import EvalResult, evaluate, evaluate_many
+from llmpress.models import UnsupportedModelError, load
+from llmpress.recipe import Recipe, RecipeError, recipe
+
+__version__ = "0.1.0"
+__all__ = [
+    "load", "compress", "save", "evaluate", "evaluate_many", "recipe", "data",
+    "Recipe", "RecipeError", "CompressionReport", "EvalResult", "UnsupportedModelError",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def compress(
+    model: nn.Module,
+    recipe: Recipe | str,
+    calib: data.Calibration | torch.Tensor | None = None,
+    *,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> CompressionReport:
+    """Compress ``model`` in place with ``recipe`` (a Recipe or a preset name / recipe file).
+
+    ``calib`` is a :class:`llmpress.data.Calibration` (tokenized with the model's tokenizer)
+    or a ready int64 tensor [n, seqlen]; recipes whose methods need no statistics ignore it.
+    ``device`` is where blocks are calibrated (``cpu``, ``cuda``, ``cuda:1``...); the model
+    stays where it is and blocks visit ``device`` one at a time.
+    """
+    from llmpress import calibrate
+    from llmpress.recipe import recipe as _recipe
+
+    r = _recipe(recipe) if isinstance(recipe, (str, os.PathLike)) else recipe
+    tokens = None
+    if r.needs_calibration:
+        calib = calib if calib is not None else data.calibration()
+        if isinstance(calib, data.Calibration):
+            tok = tokenizer or getattr(model, "llmpress_tokenizer", None)
+            if tok is None:
+                raise ValueError("calibration text needs a tokenizer: pass tokenizer= or load the model with llmpress.load")
+            tokens = calib.tokens(tok)
+        else:
+            tokens = calib
+    report = calibrate.run(model, r, tokens, device=device, batch_size=batch_size, progress=progress)
+    model.llmpress_recipe = r
+    return report
+
+
+def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save as a compressed-tensors checkpoint (transformers + vLLM load it), atomically."""
+    import json
+
+    from llmpress.formats import compressed_tensors
+
+    extra = {}
+    r = getattr(model, "llmpress_recipe", None)
+    if r is not None:
+        extra["llmpress_recipe.json"] = json.dumps(r.to_dict(), indent=2)
+    return compressed_tensors.save(model, out, overwrite=overwrite, extra_files=extra)

@@ -1,0 +1,255 @@
+"""compressed-tensors checkpoints (``pack-quantized``), the format transformers and vLLM load.
+
+Writer: per quantized linear ``{name}.weight_packed`` (int32, dense bit packing along
+in_features), ``weight_scale`` [out, G], ``weight_zero_point`` (asymmetric only; packed along
+out_features) and ``weight_shape``; everything else as plain tensors; ``quantization_config``
+in config.json with one config group per distinct scheme. Reader: rebuilds the model with
+:class:`~llmpress.nn.QuantLinear` modules holding exactly the stored integers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from llmpress.nn import QuantLinear
+from llmpress.quant.pack import pack_int32, unpack_int32
+from llmpress.quant.primitives import QuantizedWeight, QuantScheme
+from llmpress.recipe import match
+
+log = logging.getLogger(__name__)
+
+SHARD_BYTES = 4 * 2**30
+PACKED_ZP = ("group", "channel")
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, protect: tuple = ()) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out``; on success rename it to ``out``.
+
+    Refuses a non-empty ``out`` unless ``overwrite``, and never replaces a directory in
+    ``protect`` (the input model). On any error the temporary directory is removed and ``out``
+    is untouched.
+    """
+    out = Path(out).absolute()
+    for p in protect:
+        if p and Path(p).exists() and out.resolve() == Path(p).resolve():
+            raise OutputExistsError(f"refusing to write over the input model {p}; choose another output directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"output {out} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _scheme_args(s: QuantScheme) -> dict:
+    return {
+        "num_bits": s.bits, "type": "int", "symmetric": s.symmetric, "strategy": s.strategy,
+        "group_size": s.group_size if s.strategy == "group" else None, "dynamic": False,
+        "actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {},
+    }
+
+
+def _scheme_from_args(a: dict) -> QuantScheme:
+    if a.get("type", "int") != "int" or a.get("dynamic"):
+        raise ValueError(f"unsupported compressed-tensors weight scheme {a}; llmpress reads static int weights")
+    strategy = a.get("strategy") or ("group" if a.get("group_size") else "channel")
+    return QuantScheme(int(a["num_bits"]), bool(a.get("symmetric", True)), strategy, a.get("group_size"))
+
+
+def quantized_tensors(name: str, q: QuantLinear) -> dict[str, torch.Tensor]:
+    """The tensors one quantized linear is stored as."""
+    s = q.scheme
+    out = {
+        f"{name}.weight_packed": pack_int32(q.qdata.cpu(), s.bits, dim=1),
+        f"{name}.weight_scale": q.scale.cpu(),
+        f"{name}.weight_shape": torch.tensor(list(q.qdata.shape), dtype=torch.int64),
+    }
+    if q.zero is not None:
+        z = q.zero.cpu().reshape(q.out_features, -1) if s.strategy != "tensor" else q.zero.cpu()
+        out[f"{name}.weight_zero_point"] = pack_int32(z, s.bits, dim=0) if s.strategy in PACKED_ZP else z
+    if q.bias is not None:
+        out[f"{name}.bias"] = q.bias.detach().cpu()
+    return out
+
+
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors: packed quantized linears plus every other parameter/buffer
+    (tied weights stored once, as transformers expects)."""
+    sd: dict[str, torch.Tensor] = {}
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for n, m in quant.items():
+        sd.update(quantized_tensors(n, m))
+    skip = tuple(f"{n}." for n in quant)
+    tensors = dict(model.named_parameters())  # shared (tied) parameters appear once
+    for mod_name, mod in model.named_modules():
+        for bname, b in mod.named_buffers(recurse=False):
+            if bname not in mod._non_persistent_buffers_set:
+                tensors[f"{mod_name}.{bname}" if mod_name else bname] = b
+    for k, t in tensors.items():
+        if not k.startswith(skip):
+            sd[k] = t.detach().cpu().contiguous()
+    return sd
+
+
+def quantization_config(model: nn.Module) -> dict | None:
+    groups: dict[QuantScheme, list[str]] = defaultdict(list)
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            groups[m.scheme].append(n)
+    if not groups:
+        return None
+    quantized = {n for names in groups.values() for n in names}
+    unquantized = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+    config_groups = {}
+    for i, (scheme, names) in enumerate(sorted(groups.items(), key=lambda kv: -len(kv[1]))):
+        targets = ["Linear"] if len(groups) == 1 else sorted(names)
+        config_groups[f"group_{i}"] = {
+            "targets": targets, "weights": _scheme_args(scheme),
+            "input_activations": None, "output_activations": None, "format": "pack-quantized",
+        }
+    from compressed_tensors import __version__ as ct_version
+
+    return {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "quantization_status": "compressed", "config_groups": config_groups,
+        "ignore": sorted(unquantized), "kv_cache_scheme": None, "global_compression_ratio": None,
+        "sparsity_config": {}, "transform_config": {}, "version": ct_version,
+    }
+
+
+def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False, extra_files: dict | None = None) -> Path:
+    """Write ``model`` as a compressed-tensors checkpoint directory, atomically."""
+    src = getattr(model, "llmpress_source", None)
+    with atomic_dir(out, overwrite, protect=(src,)) as tmp:
+        sd = state_dict(model)
+        cfg = model.config.to_dict()
+        qc = quantization_config(model)
+        if qc is not None:
+            cfg["quantization_config"] = qc
+        else:
+            cfg.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        _write_shards(sd, tmp)
+        tok = getattr(model, "llmpress_tokenizer", None)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+    log.info("saved %s", out)
+    return Path(out)
+
+
+def _write_shards(sd: dict[str, torch.Tensor], d: Path) -> None:
+    shards: list[dict] = [{}]
+    size = 0
+    for k, t in sd.items():
+        nb = t.numel() * t.element_size()
+        if size + nb > SHARD_BYTES and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nb
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], d / "model.safetensors", metadata=meta)
+        return
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())}, "weight_map": {}}
+    for i, sh in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(sh, d / fname, metadata=meta)
+        index["weight_map"].update({k: fname for k in sh})
+    (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                out[k] = sf.get_tensor(k)
+    return out
+
+
+def load_compressed(d: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """Rebuild a pack-quantized compressed-tensors checkpoint with QuantLinear modules holding
+    the stored integers, scales and zero points bit for bit."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = Path(d)
+    cfg_d = json.loads((d / "config.json").read_text())
+    qc = cfg_d.get("quantization_config") or {}
+    if qc.get("format") not in ("pack-quantized", None):
+        raise ValueError(f"{d}: compressed-tensors format {qc.get('format')!r} is not supported yet (pack-quantized is)")
+    config = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    tensors = _read_tensors(d)
+    groups = [(g["targets"], _scheme_from_args(g["weights"])) for g in qc.get("config_groups", {}).values()]
+    ignore = qc.get("ignore", [])
+    for name in [k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed")]:
+        mod = model.get_submodule(name)
+        cls = type(mod).__name__
+        schemes = [s for targets, s in groups if any(match(t, name, cls) or match(t, name, "Linear") for t in targets)]
+        if not schemes or any(match(t, name, cls) for t in ignore):
+            raise ValueError(f"{d}: {name} has packed weights but no matching config group")
+        s = schemes[0]
+        n, k = (int(x) for x in tensors.pop(f"{name}.weight_shape"))
+        q = unpack_int32(tensors.pop(f"{name}.weight_packed"), s.bits, (n, k), dim=1)
+        scale = tensors.pop(f"{name}.weight_scale")
+        scale = scale.reshape(1) if s.strategy == "tensor" else scale.reshape(n, -1)
+        zero = tensors.pop(f"{name}.weight_zero_point", None)
+        if zero is not None and s.strategy in PACKED_ZP:
+            zero = unpack_int32(zero, s.bits, (n, scale.shape[1]), dim=0)
+        elif zero is not None:
+            zero = zero.to(torch.int8).reshape(1)
+        if s.symmetric:
+            zero = None
+        bias = tensors.pop(f"{name}.bias", None)
+        qw = QuantizedWeight(q, scale, zero, s)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(qw, bias))
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"{d}: unexpected tensors in checkpoint: {unexpected[:5]}")
+    model.tie_weights()
+    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if still_meta:
+        raise ValueError(f"{d}: checkpoint is missing tensors: {still_meta[:5]}")
+    if getattr(model, "generation_config", None) is not None and (d / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(d))
+    return model.eval()

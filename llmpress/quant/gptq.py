@@ -1,0 +1,156 @@
+"""GPTQ (Frantar et al. 2022, arXiv:2210.17323), Algorithm 1 with lazy batch updates,
+activation ordering ("act-order") and static groups.
+
+Pure function on tensors: ``gptq(W, H, scheme, cfg) -> QuantizedWeight``. ``H`` is the
+layer-input second moment ``2/n * sum x x^T`` [in, in] collected by the calibration pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from llmpress.quant.primitives import QuantizedWeight, QuantScheme, compute_qparams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """damp: fraction of mean(diag H) added to the diagonal; block_size: columns per lazy
+    batch; act_order: process columns by decreasing diag(H); static_groups: compute each
+    group's scale from the original weights up front (always on with act_order, so the saved
+    groups stay contiguous and need no g_idx)."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    static_groups: bool = False
+    max_damp_retries: int = 6
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp={self.damp} must be in [0, 1)")
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size} must be >= 1")
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int, name: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of H^-1 with dampening; retry with 10x more damping on failure."""
+    mean_diag = torch.mean(torch.diag(h)).item()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    d = damp
+    for attempt in range(retries + 1):
+        hd = h + (d * mean_diag + (1e-8 if d == 0 else 0.0)) * eye
+        l, info = torch.linalg.cholesky_ex(hd)
+        if info.item() == 0:
+            hinv = torch.cholesky_inverse(l)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info.item() == 0 and torch.isfinite(u).all():
+                if attempt:
+                    log.warning("%s: Hessian not positive definite; succeeded with damp=%.3g", name, d)
+                return u, d
+        d = max(d, 1e-4) * 10
+    raise torch.linalg.LinAlgError(f"{name}: Cholesky failed even with damp={d / 10:.3g}")
+
+
+def gptq(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scheme: QuantScheme,
+    cfg: GPTQConfig = GPTQConfig(),
+    name: str = "weight",
+) -> QuantizedWeight:
+    """Quantize ``w`` [N, K] minimising ``||(W - Q) X||^2`` given ``H = 2 X X^T / n`` [K, K].
+
+    Falls back to round-to-nearest (with a warning) only if H stays singular after every
+    dampening retry; never returns NaN or inf.
+    """
+    scheme.check_shape(w.shape, name)
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"{name}: Hessian shape {tuple(h.shape)} does not match in_features={k}")
+    if not torch.isfinite(h).all():
+        raise ValueError(f"{name}: calibration statistics contain NaN/inf (check the inputs)")
+    W = w.detach().float().clone()
+    H = h.detach().float().clone()
+
+    dead = torch.diag(H) == 0  # inputs that never fire: any value is fine, pick 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    gs = scheme.group_size if scheme.strategy == "group" else k
+    static = scheme.strategy != "group" or cfg.static_groups or cfg.act_order
+    if static:
+        scale_all, zero_all = compute_qparams(W, scheme)  # [N, G] from the original weights
+
+    perm = None
+    if cfg.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    col_group = (perm if perm is not None else torch.arange(k, device=W.device)) // gs
+
+    try:
+        U, used_damp = _inverse_cholesky(H, cfg.damp, cfg.max_damp_retries, name)
+    except torch.linalg.LinAlgError as e:
+        log.warning("%s: %s; falling back to round-to-nearest", name, e)
+        from llmpress.quant.rtn import rtn
+
+        out = rtn(w, scheme)
+        out.info.update(fallback="rtn")
+        return out
+    del H
+
+    qmin, qmax = scheme.qmin, scheme.qmax
+    Q = torch.zeros(n, k, dtype=torch.int8, device=W.device)
+    if not static:
+        scale_all = torch.empty(n, k // gs, dtype=torch.float32, device=W.device)
+        zero_all = None if scheme.symmetric else torch.empty(n, k // gs, dtype=torch.int8, device=W.device)
+    if scheme.strategy == "tensor":
+        scale_all = scale_all.reshape(1, 1).expand(n, 1)
+        zero_all = None if zero_all is None else zero_all.reshape(1, 1).expand(n, 1)
+    loss = torch.zeros((), device=W.device)
+
+    B = cfg.block_size
+    for i1 in range(0, k, B):
+        i2 = min(i1 + B, k)
+        W1 = W[:, i1:i2].clone()  # [N, b]
+        U1 = U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not static and col % gs == 0:  # lazy group params from the updated weights
+                cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]  # [N, gs]
+                s, z = compute_qparams(cur, QuantScheme(scheme.bits, scheme.symmetric, "channel"))
+                scale_all[:, col // gs] = s[:, 0]
+                if z is not None:
+                    zero_all[:, col // gs] = z[:, 0]
+            g = col_group[col] if scheme.strategy == "group" else 0
+            s = scale_all[:, g]
+            z = zero_all[:, g].float() if zero_all is not None else 0.0
+            x = W1[:, i]
+            q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+            dq = (q - z) * s
+            Q[:, col] = q.to(torch.int8)
+            d = U1[i, i]
+            err = (x - dq) / d
+            loss += ((x - dq) ** 2).sum() / d**2 / 2
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)  # [N,1] x [1,b-i]
+            E1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    scale = scale_all[:1].reshape(1) if scheme.strategy == "tensor" else scale_all
+    zero = None
+    if zero_all is not None:
+        zero = zero_all[:1].reshape(1) if scheme.strategy == "tensor" else zero_all
+    out = QuantizedWeight(Q, scale.contiguous().to(w.dtype), None if zero is None else zero.contiguous(), scheme)
+    if not torch.isfinite(out.scale).all():
+        raise FloatingPointError(f"{name}: GPTQ produced non-finite scales")
+    out.info.update(gptq_loss=float(loss), damp=used_damp)
+    return out

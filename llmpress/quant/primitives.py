@@ -1,0 +1,193 @@
+"""Affine integer quantization grids and the typed compressed-weight object.
+
+Convention (the same as compressed-tensors, so writers need no conversion): integers are
+signed, ``q in [-2**(b-1), 2**(b-1) - 1]``; the zero point lives in the same signed range;
+``w ~= (q - zero) * scale``. Symmetric schemes have ``zero = 0`` and store none.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+STRATEGIES = ("tensor", "channel", "group")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one weight matrix is quantized: bit width, symmetry, and scale granularity.
+
+    ``strategy`` is ``"tensor"`` (one scale), ``"channel"`` (one per output row) or
+    ``"group"`` (one per ``group_size`` consecutive input columns of each row).
+    """
+
+    bits: int = 4
+    symmetric: bool = True
+    strategy: str = "group"
+    group_size: int | None = 128
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits!r} is not supported; allowed: integers 2..8")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} is not one of {STRATEGIES}")
+        if self.strategy == "group":
+            if not isinstance(self.group_size, int) or self.group_size <= 0:
+                raise ValueError(
+                    f"group_size={self.group_size!r} must be a positive integer for strategy "
+                    "'group' (use strategy 'channel' or group_size -1 for one scale per row)"
+                )
+        elif self.group_size not in (None, -1):
+            object.__setattr__(self, "group_size", None)
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def n_groups(self, in_features: int) -> int:
+        return in_features // self.group_size if self.strategy == "group" else 1
+
+    def check_shape(self, shape: tuple[int, int] | torch.Size, name: str = "weight") -> None:
+        """Raise a ValueError naming the layer when the scheme cannot tile ``shape``."""
+        if len(shape) != 2:
+            raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(shape)}")
+        k = int(shape[1])
+        if self.strategy == "group" and k % self.group_size != 0:
+            hint = largest_pow2_divisor(k)
+            raise ValueError(
+                f"group_size={self.group_size} must divide in_features={k} of {name}; "
+                f"use a divisor (e.g. {hint}), group_size -1 (per channel), or a per-layer override"
+            )
+
+    def describe(self) -> str:
+        g = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.strategy, f"g{self.group_size}")
+        return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
+
+
+def largest_pow2_divisor(k: int, cap: int = 128) -> int:
+    g = cap
+    while g > 1 and k % g:
+        g //= 2
+    return g
+
+
+def _grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """View ``w`` [N, K] as [N, G, K/G] (G groups per row) for the scheme's granularity."""
+    n, k = w.shape
+    if scheme.strategy == "group":
+        return w.reshape(n, k // scheme.group_size, scheme.group_size)  # [N, K] -> [N, G, gs]
+    if scheme.strategy == "channel":
+        return w.reshape(n, 1, k)  # [N, K] -> [N, 1, K]
+    return w.reshape(1, 1, n * k)  # [N, K] -> [1, 1, N*K]
+
+
+def compute_qparams(
+    w: torch.Tensor, scheme: QuantScheme
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max scale (and zero point) for ``w`` [N, K].
+
+    Returns ``scale`` shaped [N, G] ([1] for per-tensor) in fp32, and ``zero`` (int8, same
+    shape) or None when symmetric. Symmetric uses ``max|w| / ((qmax - qmin) / 2)`` as
+    compressed-tensors and the GPTQ reference do; the range always contains 0.
+    """
+    g = _grouped(w.float(), scheme)
+    lo = g.amin(dim=-1).clamp(max=0.0)
+    hi = g.amax(dim=-1).clamp(min=0.0)
+    tiny = torch.finfo(torch.float32).tiny
+    if scheme.symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = (amax / ((scheme.qmax - scheme.qmin) / 2)).clamp(min=tiny)
+        zero = None
+    else:
+        scale = ((hi - lo) / (scheme.qmax - scheme.qmin)).clamp(min=tiny)
+        zero = (scheme.qmin - torch.round(lo / scale)).clamp(scheme.qmin, scheme.qmax).to(torch.int8)
+    if scheme.strategy == "tensor":
+        scale = scale.reshape(1)
+        zero = zero.reshape(1) if zero is not None else None
+    return scale, zero
+
+
+def _expand(p: torch.Tensor, w_shape: torch.Size, scheme: QuantScheme) -> torch.Tensor:
+    """Broadcast per-group params [N, G] to the weight's [N, K]."""
+    n, k = w_shape
+    if scheme.strategy == "tensor":
+        return p.reshape(1, 1).expand(n, k)
+    return p.repeat_interleave(k // p.shape[1], dim=1)  # [N, G] -> [N, K]
+
+
+def quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
+) -> torch.Tensor:
+    """Round ``w`` [N, K] onto the grid; returns int8 integers in [qmin, qmax]."""
+    s = _expand(scale.float(), w.shape, scheme)
+    q = torch.round(w.float() / s)
+    if zero is not None:
+        q = q + _expand(zero.float(), w.shape, scheme)
+    return q.clamp(scheme.qmin, scheme.qmax).to(torch.int8)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    scheme: QuantScheme,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(q - zero) * scale`` broadcast over groups, as [N, K] in ``dtype``."""
+    x = q.float()
+    if zero is not None:
+        x = x - _expand(zero.float(), q.shape, scheme)
+    return (x * _expand(scale.float(), q.shape, scheme)).to(dtype)
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight matrix on an integer grid: the one object solvers return and writers read.
+
+    qdata: int8 [out, in] signed integers; scale: [out, G] (or [1]) in the model dtype;
+    zero: int8 like ``scale`` or None (symmetric).
+    """
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    scheme: QuantScheme
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        assert self.qdata.dtype == torch.int8 and self.qdata.dim() == 2, self.qdata.dtype
+        assert (self.zero is None) == self.scheme.symmetric
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.qdata.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.qdata, self.scale, self.zero, self.scheme, dtype)
+
+    def storage_bits(self) -> int:
+        """Bits this weight takes when packed (integers, scales, zero points)."""
+        n, k = self.shape
+        bits = math.ceil(k * self.scheme.bits / 32) * 32 * n
+        bits += self.scale.numel() * self.scale.element_size() * 8
+        if self.zero is not None:
+            bits += self.zero.numel() * self.scheme.bits
+        return bits
+
+    def bits_per_weight(self) -> float:
+        return self.storage_bits() / self.qdata.numel()
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.qdata.to(device),
+            self.scale.to(device),
+            None if self.zero is None else self.zero.to(device),
+            self.scheme,
+            self.info,
+        )

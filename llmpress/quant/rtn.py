@@ -1,0 +1,15 @@
+"""Round-to-nearest (RTN): min-max qparams per group, then round. No calibration needed."""
+
+from __future__ import annotations
+
+import torch
+
+from llmpress.quant.primitives import QuantizedWeight, QuantScheme, compute_qparams, quantize
+
+
+def rtn(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    """Quantize ``w`` [out, in] to ``scheme`` by plain rounding."""
+    scheme.check_shape(w.shape)
+    scale, zero = compute_qparams(w, scheme)
+    q = quantize(w, scale, zero, scheme)
+    return QuantizedWeight(q, scale.to(w.dtype), zero, scheme)
