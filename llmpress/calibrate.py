@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # --- dispatch: method -> (solver, statistics it needs) -------------------------------------
 
 def _solve_rtn(w: torch.Tensor, stats: dict, step: QuantStep, name: str) -> QuantizedWeight:
-    return rtn(w, step.scheme())
+    return rtn(w, step.scheme(), step.observer)
 
 
 def _solve_gptq(w: torch.Tensor, stats: dict, step: QuantStep, name: str) -> QuantizedWeight:

@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--eval", action="store_true", help="evaluate base vs compressed afterwards (pinned protocol)")
     c.add_argument("--n-windows", type=int, default=24, help="evaluation windows of --eval-seqlen tokens")
     c.add_argument("--eval-seqlen", type=int, default=1024)
+    c.add_argument("--eval-corpus", default="wiki", help="evaluation corpus name or .txt file (default wiki)")
     c.add_argument("--json", help="write the report as JSON to this file")
     c.add_argument("--trust-remote-code", action="store_true")
 
@@ -88,12 +89,13 @@ def _compress(a: argparse.Namespace) -> dict:
     result = {"recipe": r.to_dict(), "output": str(out), "compression": rep.to_dict()}
     if a.eval:
         base = lp.load(a.model, trust_remote_code=a.trust_remote_code)
-        ev = lp.evaluate_many({"base": base, r.name: model}, base, n_windows=a.n_windows, seqlen=a.eval_seqlen,
-                              paths={r.name: out})
+        ev = lp.evaluate_many({"base": base, r.name: model}, base, source=a.eval_corpus, n_windows=a.n_windows,
+                              seqlen=a.eval_seqlen, paths={r.name: out})
         rows = [_row("base", ev["base"]),
                 _row(r.name, ev[r.name], {"seconds": rep.seconds, "peak_rss_mb": rep.peak_rss_mb}, ev["base"].ppl)]
         rows[0]["delta_ppl_pct"] = 0.0
-        print(f"\n{a.model} -> {out}  ({ev['base'].tokens} tokens, {a.n_windows}x{a.eval_seqlen} wiki windows)\n")
+        print(f"\n{a.model} -> {out}  ({ev['base'].tokens} tokens scored, {a.n_windows}x{a.eval_seqlen} "
+              f"windows of {a.eval_corpus})\n")
         print(table(rows, QUALITY_COLUMNS))
         result["eval"] = rows
     else:

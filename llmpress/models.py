@@ -124,9 +124,18 @@ def load(
 
             model = load_compressed(p, dtype=dtype, trust_remote_code=trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(p), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-            )
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(p), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+                )
+            except ValueError as e:
+                if "Unrecognized configuration class" not in str(e) and "does not recognize" not in str(e):
+                    raise
+                raise UnsupportedModelError(
+                    f"{cfg.get('architectures') or cfg.get('model_type')} (model_type "
+                    f"{cfg.get('model_type')!r}) is not a causal language model transformers can load "
+                    "with AutoModelForCausalLM; llmpress compresses decoder-only LMs"
+                ) from None
         _attach_tokenizer(model, str(p), trust_remote_code=trust_remote_code)
     elif _looks_like_hub_id(src) and not p.exists():
         try:

@@ -54,6 +54,7 @@ class QuantStep:
     group_size: int | None = 128
     symmetric: bool = True
     strategy: str | None = None  # derived from group_size when None
+    observer: str = "minmax"  # minmax | mse (clipping search; importance-weighted in GPTQ)
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ("lm_head",)
     overrides: tuple[dict, ...] = ()
@@ -90,6 +91,8 @@ class QuantStep:
                 raise RecipeError(f"override {o['pattern']!r}: unknown field(s) {sorted(extra)}; allowed: {sorted(allowed)}")
             if not o.get("skip"):
                 self.with_override(o)  # validates the merged values
+        if self.observer not in ("minmax", "mse"):
+            raise RecipeError(f"observer={self.observer!r} is not allowed; allowed: ['minmax', 'mse']")
         self.scheme()
         self.gptq_config()
 
@@ -110,7 +113,8 @@ class QuantStep:
 
     def gptq_config(self) -> GPTQConfig:
         try:
-            return GPTQConfig(float(self.damp), int(self.block_size), bool(self.act_order), bool(self.static_groups))
+            return GPTQConfig(float(self.damp), int(self.block_size), bool(self.act_order),
+                              bool(self.static_groups), self.observer)
         except (TypeError, ValueError) as e:
             raise RecipeError(f"bad GPTQ field: {e}") from None
 
@@ -188,9 +192,10 @@ PRESETS: dict[str, dict] = {
     "w8a16": dict(method="rtn", bits=8, group_size=-1),
     "w4a16-rtn": dict(method="rtn", bits=4),
     "w3a16-rtn": dict(method="rtn", bits=3),
-    "w4a16-gptq": dict(method="gptq", bits=4),
-    "w3a16-gptq": dict(method="gptq", bits=3),
-    "w8a16-gptq": dict(method="gptq", bits=8, group_size=-1),
+    # GPTQ presets search each group's scale against the Hessian-weighted error (observer mse)
+    "w4a16-gptq": dict(method="gptq", bits=4, observer="mse"),
+    "w3a16-gptq": dict(method="gptq", bits=3, observer="mse"),
+    "w8a16-gptq": dict(method="gptq", bits=8, group_size=-1, observer="mse"),
 }
 
 

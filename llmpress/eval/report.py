@@ -11,6 +11,8 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         if v == 0:
             return "0"
+        if abs(v) < 1e-3:
+            return f"{v:.2e}"
         if abs(v) >= 1000:
             return f"{v:,.0f}"
         if abs(v) >= 10:

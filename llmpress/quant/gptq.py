@@ -29,11 +29,14 @@ class GPTQConfig:
     block_size: int = 128
     act_order: bool = True
     static_groups: bool = False
+    observer: str = "minmax"
     max_damp_retries: int = 6
 
     def __post_init__(self) -> None:
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp={self.damp} must be in [0, 1)")
+        if self.observer not in ("minmax", "mse"):
+            raise ValueError(f"observer={self.observer!r}; allowed: ['minmax', 'mse']")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size} must be >= 1")
 
@@ -84,8 +87,9 @@ def gptq(
 
     gs = scheme.group_size if scheme.strategy == "group" else k
     static = scheme.strategy != "group" or cfg.static_groups or cfg.act_order
-    if static:
-        scale_all, zero_all = compute_qparams(W, scheme)  # [N, G] from the original weights
+    hdiag = torch.diag(H).clone()  # column importance for the mse observer
+    if static:  # [N, G] from the original weights
+        scale_all, zero_all = compute_qparams(W, scheme, cfg.observer, hdiag)
 
     perm = None
     if cfg.act_order:
@@ -124,7 +128,8 @@ def gptq(
             col = i1 + i
             if not static and col % gs == 0:  # lazy group params from the updated weights
                 cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]  # [N, gs]
-                s, z = compute_qparams(cur, QuantScheme(scheme.bits, scheme.symmetric, "channel"))
+                s, z = compute_qparams(cur, QuantScheme(scheme.bits, scheme.symmetric, "channel"),
+                                       cfg.observer, hdiag[col : col + gs])
                 scale_all[:, col // gs] = s[:, 0]
                 if z is not None:
                     zero_all[:, col // gs] = z[:, 0]

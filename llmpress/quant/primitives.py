@@ -88,28 +88,66 @@ def _grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
 
 
 def compute_qparams(
-    w: torch.Tensor, scheme: QuantScheme
+    w: torch.Tensor,
+    scheme: QuantScheme,
+    observer: str = "minmax",
+    importance: torch.Tensor | None = None,
+    grid: int = 40,
+    min_ratio: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Min-max scale (and zero point) for ``w`` [N, K].
+    """Scale (and zero point) for ``w`` [N, K].
 
     Returns ``scale`` shaped [N, G] ([1] for per-tensor) in fp32, and ``zero`` (int8, same
-    shape) or None when symmetric. Symmetric uses ``max|w| / ((qmax - qmin) / 2)`` as
-    compressed-tensors and the GPTQ reference do; the range always contains 0.
+    shape) or None when symmetric. ``minmax``: the range of each group, symmetric using
+    ``max|w| / ((qmax - qmin) / 2)`` as compressed-tensors and the GPTQ reference do.
+    ``mse``: shrink the range by the factor in [min_ratio, 1] that minimises each group's
+    squared rounding error, weighted per input column by ``importance`` [K] (e.g. diag(H)),
+    the GPTQ reference's ``mse`` grid search.
     """
-    g = _grouped(w.float(), scheme)
-    lo = g.amin(dim=-1).clamp(max=0.0)
-    hi = g.amax(dim=-1).clamp(min=0.0)
-    tiny = torch.finfo(torch.float32).tiny
-    if scheme.symmetric:
-        amax = torch.maximum(-lo, hi)
-        scale = (amax / ((scheme.qmax - scheme.qmin) / 2)).clamp(min=tiny)
-        zero = None
-    else:
-        scale = ((hi - lo) / (scheme.qmax - scheme.qmin)).clamp(min=tiny)
-        zero = (scheme.qmin - torch.round(lo / scale)).clamp(scheme.qmin, scheme.qmax).to(torch.int8)
+    if observer not in OBSERVERS:
+        raise ValueError(f"observer={observer!r}; allowed: {OBSERVERS}")
+    g = _grouped(w.float(), scheme)  # [N', G, gs]
+    lo0 = g.amin(dim=-1).clamp(max=0.0)
+    hi0 = g.amax(dim=-1).clamp(min=0.0)
+    ratios = [1.0] if observer == "minmax" else torch.linspace(1.0, min_ratio, grid).tolist()
+    imp = None
+    if importance is not None and observer == "mse":
+        imp = _grouped(importance.float().reshape(1, -1).expand(w.shape[0], -1).contiguous(), scheme)
+    best = None
+    for r in ratios:
+        scale, zero = _minmax(lo0 * r, hi0 * r, scheme)
+        if len(ratios) == 1:
+            best = (scale, zero)
+            break
+        zf = zero.float().unsqueeze(-1) if zero is not None else 0.0
+        q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zf, scheme.qmin, scheme.qmax)
+        e = (q - zf) * scale.unsqueeze(-1) - g
+        e = e * e if imp is None else e * e * imp
+        err = e.sum(-1)  # [N', G]
+        if best is None:
+            best, best_err = (scale, zero), err
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = (torch.where(better, scale, best[0]),
+                    None if zero is None else torch.where(better, zero, best[1]))
+    scale, zero = best
     if scheme.strategy == "tensor":
         scale = scale.reshape(1)
         zero = zero.reshape(1) if zero is not None else None
+    return scale, zero
+
+
+OBSERVERS = ("minmax", "mse")
+
+
+def _minmax(lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    tiny = torch.finfo(torch.float32).tiny
+    if scheme.symmetric:
+        amax = torch.maximum(-lo, hi)
+        return (amax / ((scheme.qmax - scheme.qmin) / 2)).clamp(min=tiny), None
+    scale = ((hi - lo) / (scheme.qmax - scheme.qmin)).clamp(min=tiny)
+    zero = (scheme.qmin - torch.round(lo / scale)).clamp(scheme.qmin, scheme.qmax).to(torch.int8)
     return scale, zero
 
 

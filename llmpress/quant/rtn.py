@@ -7,9 +7,10 @@ import torch
 from llmpress.quant.primitives import QuantizedWeight, QuantScheme, compute_qparams, quantize
 
 
-def rtn(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
-    """Quantize ``w`` [out, in] to ``scheme`` by plain rounding."""
+def rtn(w: torch.Tensor, scheme: QuantScheme, observer: str = "minmax") -> QuantizedWeight:
+    """Quantize ``w`` [out, in] to ``scheme`` by rounding; ``observer='mse'`` searches a
+    clipping ratio per group first (no calibration data needed)."""
     scheme.check_shape(w.shape)
-    scale, zero = compute_qparams(w, scheme)
+    scale, zero = compute_qparams(w, scheme, observer)
     q = quantize(w, scale, zero, scheme)
     return QuantizedWeight(q, scale.to(w.dtype), zero, scheme)

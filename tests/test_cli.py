@@ -1,0 +1,47 @@
+import json
+
+import pytest
+
+from llmpress.cli import main
+
+
+def test_compress_eval_info_end_to_end(tmp_path, tiny_dir, text_file, capsys):
+    out = tmp_path / "out"
+    j = tmp_path / "r.json"
+    rc = main(["compress", str(tiny_dir), "-r", "w4a16-gptq", "-g", "32", "-o", str(out), "--calib", str(text_file),
+               "--n-samples", "4", "--seqlen", "32", "--eval", "--n-windows", "2", "--eval-seqlen", "32", "--eval-corpus", str(text_file), "--json", str(j)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "KL (nats)" in printed and "w4a16-gptq-g32" in printed
+    rep = json.loads(j.read_text())
+    base, comp = rep["eval"]
+    assert base["kl"] == pytest.approx(0, abs=1e-6) and comp["kl"] > 0 and comp["size_mb"] < base["size_mb"]
+    assert (out / "config.json").exists()
+
+    assert main(["eval", str(out), "--base", str(tiny_dir), "--corpus", str(text_file), "--n-windows", "2",
+                 "--seqlen", "32", "--json", str(tmp_path / "e.json")]) == 0
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert ev["rows"][1]["kl"] == pytest.approx(comp["kl"], rel=1e-5)
+    assert main(["info", str(out)]) == 0
+    assert "14 linear layers" in capsys.readouterr().out
+
+
+def test_cli_errors_are_clear_and_write_nothing(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", str(tmp_path / "missing"), "-o", str(out)]) == 2
+    assert "no such model" in capsys.readouterr().err
+    assert main(["compress", str(tiny_dir), "-r", "w4a16-rtn", "-g", "48", "-o", str(out)]) == 2
+    assert "group_size=48 must divide" in capsys.readouterr().err
+    assert main(["compress", str(tiny_dir), "-r", "nope", "-o", str(out)]) == 2
+    assert "unknown recipe" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()
+    (out / "x").write_text("x")
+    assert main(["compress", str(tiny_dir), "-r", "w8a16", "-o", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_help_shows_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    assert "examples:" in capsys.readouterr().out

@@ -1,0 +1,29 @@
+import hashlib
+
+import torch
+
+from llmpress import assets, data
+
+
+def test_wiki_protocol_hashes():
+    for split, digest in assets.CORPORA["wiki"].sha256.items():
+        t = data.text("wiki", split)
+        assert hashlib.sha256(t.encode()).hexdigest() == digest
+    assert data.text("wiki", "eval").startswith(" = Anarchism =")
+    assert data.text("wiki", "calib").startswith(" = Alkali metal =")
+
+
+def test_calibration_is_deterministic_and_pinned(tokenizer, text_file):
+    c = data.calibration(str(text_file), n_samples=4, seqlen=16, seed=0)
+    a, b = c.tokens(tokenizer), c.tokens(tokenizer)
+    assert a.shape == (4, 16) and torch.equal(a, b)
+    ids = data.tokenize(tokenizer, text_file.read_text())
+    n = ids.numel() // 16
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:4]
+    assert torch.equal(a, ids[: n * 16].reshape(n, 16)[idx])
+
+
+def test_eval_windows_are_the_first_tokens(tokenizer, text_file):
+    w = data.eval_windows(tokenizer, str(text_file), seqlen=8, n_windows=3)
+    ids = data.tokenize(tokenizer, text_file.read_text())
+    assert torch.equal(w.flatten(), ids[:24])
