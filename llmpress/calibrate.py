@@ -150,8 +150,12 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batc
     home = next(model.parameters()).device
     for i in range(n):
         blocks[i] = _Recorder(i, i == n - 1, real[i], sinks[i], first_out)
+    # The forward stops at the last block, so the output head never runs: keep it on the host.
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        model.set_output_embeddings(nn.Identity())
     try:
-        model.to(device)  # everything but the blocks, which are recorders now
+        model.to(device)  # what runs before block 0 (embeddings, rotary); blocks are recorders now
         with torch.inference_mode():
             for b in range(0, tokens.shape[0], batch_size):
                 try:
@@ -161,6 +165,8 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batc
     finally:
         for i in range(n):
             blocks[i] = real[i]
+        if head is not None:
+            model.set_output_embeddings(head)
         model.to(home)
         for blk in real:
             blk.to(home)
