@@ -71,7 +71,7 @@ def main() -> None:
     if "cpu" in models:
         qa = [x.qdata for x in models["cuda"].modules() if isinstance(x, QuantLinear)]
         qb = [x.qdata for x in models["cpu"].modules() if isinstance(x, QuantLinear)]
-        same = sum(int((x == y).sum()) for x, y in zip(qa, qb)) / sum(x.numel() for x in qa)
+        same = sum(int((x == y).sum()) for x, y in zip(qa, qb, strict=True)) / sum(x.numel() for x in qa)
     with torch.no_grad():
         ref = base(held).logits
         err = {d: float(((models[d](held).logits - ref).norm() / ref.norm())) for d in models}

@@ -8,12 +8,11 @@ use never leaves a half-written asset behind.
 
 from __future__ import annotations
 
-import bz2
 import hashlib
 import importlib.util
+import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -146,26 +145,29 @@ def model_path(name: str) -> Path:
 
 # --- corpora -------------------------------------------------------------------------------
 
-def _build_wiki(bz2_path: Path) -> list[str]:
-    """Articles of the gensim Wikipedia sample, cleaned as DESIGN.md section 4 pins."""
-    try:
-        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-    except ImportError as e:
-        raise AssetError(
-            "building the 'wiki' corpus needs gensim==4.4.0 once (its markup filter defines the "
-            "pinned protocol): `pip install 'llmpress[wiki]'` or `pip install gensim==4.4.0`"
-        ) from e
-    arts = []
-    with bz2.open(bz2_path, "rb") as f:
-        for title, text, _pageid in extract_pages(f):
-            if text.lstrip().upper().startswith("#REDIRECT"):
-                continue
-            body = filter_wiki(text).replace("'''", "").replace("''", "")
-            body = re.sub(r"\n{3,}", "\n\n", body).strip()
-            if len(body) < 500:
-                continue
-            arts.append(f" = {title} =\n\n{body}")
-    return arts
+def _build_wiki_isolated(bz2_path: Path, version: str) -> list[str]:
+    """Run :mod:`llmpress._wikibuild` with gensim installed apart from the user's environment
+    (``pip install --target`` into the cache), so gensim never becomes a runtime dependency."""
+    target = cache_dir() / "build" / f"gensim-{version}"
+    if not (target / "gensim").exists():
+        log.info("installing gensim==%s into %s (once, only to build the wiki corpus)", version, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".gensim.", dir=target.parent))
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(tmp), f"gensim=={version}"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise AssetError(
+                f"building the 'wiki' corpus needs gensim=={version} once, and installing it failed:\n"
+                f"{r.stderr[-800:]}\nInstall it by hand: `pip install gensim=={version}` (or 'llmpress[wiki]')"
+            )
+        os.replace(tmp, target)
+    script = Path(__file__).with_name("_wikibuild.py")
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    r = subprocess.run([sys.executable, str(script), str(bz2_path)], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise AssetError(f"building the 'wiki' corpus with the isolated gensim failed:\n{r.stderr[-800:]}")
+    return json.loads(r.stdout)
 
 
 def corpus_text(name: str, split: str) -> str:
@@ -179,7 +181,12 @@ def corpus_text(name: str, split: str) -> str:
     path = dest / f"{split}.txt"
     if not path.exists():
         src = _package_file(a.module, a.member, a.package, a.version)
-        arts = _build_wiki(src)
+        if importlib.util.find_spec("gensim") is not None:
+            from llmpress._wikibuild import build
+
+            arts = build(str(src))
+        else:
+            arts = _build_wiki_isolated(src, a.version)
         texts = {"eval": "\n\n".join(arts[: a.n_eval_articles]), "calib": "\n\n".join(arts[a.n_eval_articles :])}
         dest.mkdir(parents=True, exist_ok=True)
         for s, t in texts.items():

@@ -258,7 +258,7 @@ def run(
         try:
             if hooks:
                 with torch.inference_mode():
-                    for x, call in zip(inputs, calls[i]):
+                    for x, call in zip(inputs, calls[i], strict=True):
                         _run_block(block, x, call)
         finally:
             for h in hooks:

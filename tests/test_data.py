@@ -1,5 +1,6 @@
 import hashlib
 
+import pytest
 import torch
 
 from llmpress import assets, data
@@ -27,3 +28,15 @@ def test_eval_windows_are_the_first_tokens(tokenizer, text_file):
     w = data.eval_windows(tokenizer, str(text_file), seqlen=8, n_windows=3)
     ids = data.tokenize(tokenizer, text_file.read_text())
     assert torch.equal(w.flatten(), ids[:24])
+
+
+@pytest.mark.slow
+def test_wiki_builds_without_gensim_in_the_environment(tmp_path, monkeypatch):
+    """A plain install (no 'wiki' extra) still gets the pinned corpus: gensim goes into the
+    cache with pip --target and runs in a subprocess."""
+    monkeypatch.setenv("LLMPRESS_CACHE", str(tmp_path))
+    a = assets.CORPORA["wiki"]
+    src = assets._package_file(a.module, a.member, a.package, a.version)
+    arts = assets._build_wiki_isolated(src, a.version)
+    assert hashlib.sha256("\n\n".join(arts[:60]).encode()).hexdigest() == a.sha256["eval"]
+    assert hashlib.sha256("\n\n".join(arts[60:]).encode()).hexdigest() == a.sha256["calib"]

@@ -35,6 +35,7 @@ def test_discover_and_compress_every_architecture(arch, tmp_path):
     for (n1, m1), (n2, m2) in zip(
         [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)],
         [(n, m) for n, m in back.named_modules() if isinstance(m, QuantLinear)],
+        strict=True,
     ):
         assert n1 == n2
         assert torch.equal(m1.qdata, m2.qdata) and torch.equal(m1.scale, m2.scale)

@@ -46,11 +46,7 @@ def model_size(model: nn.Module, path: str | Path | None = None) -> tuple[float,
             qbits += m.qweight.storage_bits()
             qn += m.qdata.numel()
             params += m.qdata.numel()
-    seen = set()
-    for n, p in model.named_parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            params += p.numel()
+    params += sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
     if path is not None:
         size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     else:

@@ -8,7 +8,6 @@ layer-input second moment ``2/n * sum x x^T`` [in, in] collected by the calibrat
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch

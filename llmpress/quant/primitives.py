@@ -151,23 +151,20 @@ def _minmax(lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme) -> tuple[to
     return scale, zero
 
 
-def _expand(p: torch.Tensor, w_shape: torch.Size, scheme: QuantScheme) -> torch.Tensor:
-    """Broadcast per-group params [N, G] to the weight's [N, K]."""
-    n, k = w_shape
-    if scheme.strategy == "tensor":
-        return p.reshape(1, 1).expand(n, k)
-    return p.repeat_interleave(k // p.shape[1], dim=1)  # [N, G] -> [N, K]
+def _per_group(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Params [N, G] (or [1]) shaped to broadcast over the grouped view ``g`` [N', G, gs]."""
+    return p.float().reshape(g.shape[0], g.shape[1], 1)
 
 
 def quantize(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
 ) -> torch.Tensor:
     """Round ``w`` [N, K] onto the grid; returns int8 integers in [qmin, qmax]."""
-    s = _expand(scale.float(), w.shape, scheme)
-    q = torch.round(w.float() / s)
+    g = _grouped(w.float(), scheme)  # [N', G, gs]
+    q = torch.round(g / _per_group(scale, g))
     if zero is not None:
-        q = q + _expand(zero.float(), w.shape, scheme)
-    return q.clamp(scheme.qmin, scheme.qmax).to(torch.int8)
+        q += _per_group(zero, g)
+    return q.clamp_(scheme.qmin, scheme.qmax).to(torch.int8).reshape(w.shape)
 
 
 def dequantize(
@@ -178,10 +175,11 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``(q - zero) * scale`` broadcast over groups, as [N, K] in ``dtype``."""
-    x = q.float()
+    g = _grouped(q.to(torch.float32), scheme)  # [N', G, gs], a fresh tensor: safe to modify
     if zero is not None:
-        x = x - _expand(zero.float(), q.shape, scheme)
-    return (x * _expand(scale.float(), q.shape, scheme)).to(dtype)
+        g -= _per_group(zero, g)
+    g *= _per_group(scale, g)
+    return g.reshape(q.shape).to(dtype)
 
 
 @dataclass
