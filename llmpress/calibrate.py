@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -197,6 +198,14 @@ class CompressionReport:
         return dict(self.__dict__)
 
 
+def _block_index(name: str, prefix: str) -> int | None:
+    """Index of the decoder block that module ``name`` lives in, or None."""
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -225,16 +234,19 @@ def run(
         torch.cuda.reset_peak_memory_stats(device)
     blocks_name, blocks = find_blocks(model)
     prefix = blocks_name + "." if blocks_name else ""
-    needs = {n: SOLVERS[s.method][1] for n, s in layers.items()}
-    last_calib_block = max((i for i in range(len(blocks)) for n in layers
-                            if needs[n] and n.startswith(f"{prefix}{i}.")), default=-1)
+    by_block: dict[int | None, dict[str, QuantStep]] = defaultdict(dict)  # None: outside blocks
+    for n, s in layers.items():
+        by_block[_block_index(n, prefix)][n] = s
+    calib_methods = sorted({s.method for s in layers.values() if SOLVERS[s.method][1]})
+    last_calib_block = max((i for i, ls in by_block.items() if i is not None
+                            and any(SOLVERS[s.method][1] for s in ls.values())), default=-1)
     report = CompressionReport(recipe.name, device=str(device))
 
     inputs: list[torch.Tensor] = []
     calls: list[list[tuple]] = []
     if last_calib_block >= 0:
         if tokens is None:
-            raise ValueError(f"recipe {recipe.name!r} needs calibration data (method gptq); pass calib=")
+            raise ValueError(f"recipe {recipe.name!r} needs calibration data (methods {calib_methods}); pass calib=")
         report.calib_tokens = int(tokens.numel())
         inputs, calls = _capture(model, blocks, tokens, batch_size, device)
 
@@ -242,7 +254,7 @@ def run(
     for i in bar:
         block = blocks[i]
         bp = f"{prefix}{i}."
-        todo = {n[len(bp):]: layers[n] for n in layers if n.startswith(bp)}
+        todo = {n[len(bp):]: s for n, s in by_block.get(i, {}).items()}
         if not todo and i > last_calib_block:
             continue
         bar.set_postfix_str(f"{len(todo)} layers", refresh=False)
@@ -284,9 +296,7 @@ def run(
         block.to(home)
     bar.close()
 
-    for name, step in layers.items():  # linears outside the blocks (calibration-free methods)
-        if name.startswith(prefix) and name[len(prefix):].split(".")[0].isdigit():
-            continue
+    for name, step in by_block.get(None, {}).items():  # outside the blocks: calibration-free methods
         mod = model.get_submodule(name)
         w = linear_weight(mod).detach()
         qw = SOLVERS[step.method][0](w, {}, step, name)
