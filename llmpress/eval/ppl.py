@@ -25,7 +25,7 @@ class EvalResult:
     kl: float | None
     top1: float | None
     tokens: int
-    seconds: float
+    eval_seconds: float
     size_mb: float
     bits_per_weight: float | None  # over the quantized linear weights (with scales/zeros)
     params: int
@@ -87,7 +87,7 @@ def evaluate_many(
         n_tok += tgt.numel()
         for k, m in models.items():
             t0 = time.perf_counter()
-            lp = _window_logprobs(m, w, device)
+            lp = b if m is base else _window_logprobs(m, w, device)  # the base row: reuse
             a = acc[k]
             a["nll"] += float(-lp.gather(1, tgt[:, None]).sum())
             if b is not None:
@@ -103,7 +103,7 @@ def evaluate_many(
             ppl=math.exp(nll), nll=nll,
             kl=a["kl"] / n_tok if base is not None else None,
             top1=a["top1"] / n_tok if base is not None else None,
-            tokens=n_tok, seconds=a["t"], size_mb=size, bits_per_weight=bpw, params=params,
+            tokens=n_tok, eval_seconds=a["t"], size_mb=size, bits_per_weight=bpw, params=params,
         )
     return res
 
