@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from llmpress.quant.gptq import GPTQConfig
-from llmpress.quant.primitives import STRATEGIES, QuantScheme
+from llmpress.quant.primitives import OBSERVERS, STRATEGIES, QuantScheme
 
 METHODS = ("rtn", "gptq")
 
@@ -91,8 +91,8 @@ class QuantStep:
                 raise RecipeError(f"override {o['pattern']!r}: unknown field(s) {sorted(extra)}; allowed: {sorted(allowed)}")
             if not o.get("skip"):
                 self.with_override(o)  # validates the merged values
-        if self.observer not in ("minmax", "mse"):
-            raise RecipeError(f"observer={self.observer!r} is not allowed; allowed: ['minmax', 'mse']")
+        if self.observer not in OBSERVERS:
+            raise RecipeError(f"observer={self.observer!r} is not allowed; allowed: {list(OBSERVERS)}")
         self.scheme()
         self.gptq_config()
 

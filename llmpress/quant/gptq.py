@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmpress.quant.primitives import QuantizedWeight, QuantScheme, compute_qparams
+from llmpress.quant.primitives import OBSERVERS, QuantizedWeight, QuantScheme, compute_qparams
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ class GPTQConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp={self.damp} must be in [0, 1)")
-        if self.observer not in ("minmax", "mse"):
-            raise ValueError(f"observer={self.observer!r}; allowed: ['minmax', 'mse']")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"observer={self.observer!r}; allowed: {list(OBSERVERS)}")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size} must be >= 1")
 

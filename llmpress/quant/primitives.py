@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 STRATEGIES = ("tensor", "channel", "group")
+OBSERVERS = ("minmax", "mse")
 
 
 @dataclass(frozen=True)
@@ -109,16 +110,14 @@ def compute_qparams(
     g = _grouped(w.float(), scheme)  # [N', G, gs]
     lo0 = g.amin(dim=-1).clamp(max=0.0)
     hi0 = g.amax(dim=-1).clamp(min=0.0)
-    ratios = [1.0] if observer == "minmax" else torch.linspace(1.0, min_ratio, grid).tolist()
+    if observer == "minmax":
+        return _flatten_tensor_params(*_minmax(lo0, hi0, scheme), scheme)
     imp = None
-    if importance is not None and observer == "mse":
+    if importance is not None:
         imp = _grouped(importance.float().reshape(1, -1).expand(w.shape[0], -1).contiguous(), scheme)
     best = None
-    for r in ratios:
+    for r in torch.linspace(1.0, min_ratio, grid).tolist():
         scale, zero = _minmax(lo0 * r, hi0 * r, scheme)
-        if len(ratios) == 1:
-            best = (scale, zero)
-            break
         zf = zero.float().unsqueeze(-1) if zero is not None else 0.0
         q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zf, scheme.qmin, scheme.qmax)
         e = (q - zf) * scale.unsqueeze(-1) - g
@@ -131,14 +130,16 @@ def compute_qparams(
             best_err = torch.where(better, err, best_err)
             best = (torch.where(better, scale, best[0]),
                     None if zero is None else torch.where(better, zero, best[1]))
-    scale, zero = best
+    return _flatten_tensor_params(*best, scheme)
+
+
+def _flatten_tensor_params(
+    scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-tensor params are stored as shape [1]; others stay [N, G]."""
     if scheme.strategy == "tensor":
-        scale = scale.reshape(1)
-        zero = zero.reshape(1) if zero is not None else None
+        return scale.reshape(1), None if zero is None else zero.reshape(1)
     return scale, zero
-
-
-OBSERVERS = ("minmax", "mse")
 
 
 def _minmax(lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
