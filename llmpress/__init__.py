@@ -67,13 +67,14 @@ def compress(
 
 
 def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Save as a compressed-tensors checkpoint (transformers + vLLM load it), atomically."""
+    """Save atomically as a compressed-tensors checkpoint (transformers + vLLM load it), or in
+    bitsandbytes' layout for NF4 / FP4 models (transformers loads it with bitsandbytes)."""
     import json
 
-    from llmpress.formats import compressed_tensors
+    from llmpress.formats import compressed_tensors, layout_for
 
     extra = {}
     r = getattr(model, "llmpress_recipe", None)
     if r is not None:
         extra["llmpress_recipe.json"] = json.dumps(r.to_dict(), indent=2)
-    return compressed_tensors.save(model, out, overwrite=overwrite, extra_files=extra)
+    return compressed_tensors.save(model, out, overwrite=overwrite, extra_files=extra, layout=layout_for(model))

@@ -19,11 +19,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmpress.models import _is_linear, block_linears, find_blocks, linear_weight, set_submodule
-from llmpress.nn import QuantLinear
+from llmpress import fold
+from llmpress.models import (
+    _is_linear,
+    block_linears,
+    find_blocks,
+    linear_weight,
+    set_submodule,
+)
+from llmpress.nn import COMPRESSED_LINEARS, CodebookLinear, QuantLinear
+from llmpress.quant.act import static_scale
+from llmpress.quant.awq import expand_scale, reduce_absmean, search_scale
 from llmpress.quant.gptq import gptq
-from llmpress.quant.primitives import QuantizedWeight
+from llmpress.quant.hqq import HQQConfig, hqq
+from llmpress.quant.nf4 import CodebookWeight, quantize_4bit
+from llmpress.quant.primitives import (
+    QuantizedWeight,
+    compute_qparams,
+    dequantize,
+    quantize,
+)
 from llmpress.quant.rtn import rtn
+from llmpress.quant.smoothquant import smooth_scale
 from llmpress.recipe import QuantStep, Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -32,16 +49,28 @@ log = logging.getLogger(__name__)
 # --- dispatch: method -> (solver, statistics it needs) -------------------------------------
 
 def _solve_rtn(w: torch.Tensor, stats: dict, step: QuantStep, name: str) -> QuantizedWeight:
-    return rtn(w, step.scheme(), step.observer)
+    # with AWQ the mse observer is AWQ's clipping search, weighted by the layer's inputs
+    return rtn(w, step.scheme(), step.observer, hessian=stats.get("hessian") if step.awq else None)
 
 
 def _solve_gptq(w: torch.Tensor, stats: dict, step: QuantStep, name: str) -> QuantizedWeight:
     return gptq(w, stats["hessian"], step.scheme(), step.gptq_config(), name=name)
 
 
-SOLVERS: dict[str, tuple[Callable[..., QuantizedWeight], tuple[str, ...]]] = {
+def _solve_hqq(w: torch.Tensor, stats: dict, step: QuantStep, name: str) -> QuantizedWeight:
+    return hqq(w, step.scheme(), HQQConfig(int_zero=not step.float_zero), name=name)
+
+
+def _solve_codebook(w: torch.Tensor, stats: dict, step: QuantStep, name: str) -> CodebookWeight:
+    return quantize_4bit(w, step.method, step.group_size, step.double_quant, name=name)
+
+
+SOLVERS: dict[str, tuple[Callable[..., QuantizedWeight | CodebookWeight], tuple[str, ...]]] = {
     "rtn": (_solve_rtn, ()),
     "gptq": (_solve_gptq, ("hessian",)),
+    "hqq": (_solve_hqq, ()),
+    "nf4": (_solve_codebook, ()),
+    "fp4": (_solve_codebook, ()),
 }
 
 
@@ -64,7 +93,69 @@ class _HessianStat:
         return self.h
 
 
-STATS = {"hessian": _HessianStat}
+class _AbsMeanStat:
+    """Running mean of ``|x|`` per input channel (AWQ's activation salience)."""
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.s = torch.zeros(k, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [B, S, K] -> [B*S, K]
+        m = x.shape[0]
+        self.s.mul_(self.n / (self.n + m)).add_(x.abs().sum(0), alpha=1.0 / (self.n + m))
+        self.n += m
+
+    def result(self) -> torch.Tensor:
+        return self.s
+
+
+class _AbsMaxStat:
+    """Largest ``|x|`` per input channel (SmoothQuant's outliers; static activation scales)."""
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.m = torch.zeros(k, dtype=torch.float32, device=device)
+
+    def update(self, x: torch.Tensor) -> None:
+        torch.maximum(self.m, x.reshape(-1, x.shape[-1]).abs().amax(0).float(), out=self.m)
+
+    def result(self) -> torch.Tensor:
+        return self.m
+
+
+class _SampleStat:
+    """A fixed-seed subsample of input rows (up to ``cap``), for searches that need the
+    activations themselves (SmoothQuant's alpha: the error of quantized activations)."""
+
+    def __init__(self, k: int, device: torch.device, per_batch: int = 128, cap: int = 2048) -> None:
+        self.rows: list[torch.Tensor] = []
+        self.per_batch, self.cap, self.n = per_batch, cap, 0
+        self.g = torch.Generator().manual_seed(0)
+
+    def update(self, x: torch.Tensor) -> None:
+        if self.n >= self.cap:
+            return
+        x = x.reshape(-1, x.shape[-1])  # [B, S, K] -> [B*S, K]
+        idx = torch.randperm(x.shape[0], generator=self.g)[: min(self.per_batch, self.cap - self.n)]
+        self.rows.append(x[idx.to(x.device)].float())
+        self.n += idx.numel()
+
+    def result(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
+STATS = {"hessian": _HessianStat, "absmean": _AbsMeanStat, "absmax": _AbsMaxStat, "xsample": _SampleStat}
+
+
+def needs(step: QuantStep) -> tuple[str, ...]:
+    """The statistics a step's layers need from the calibration pass."""
+    extra: tuple[str, ...] = ("hessian", "absmean") if step.awq else ()
+    if step.smoothquant is not None:
+        extra += ("absmax",) + (("xsample",) if step.smoothquant == "auto" else ())
+    act = step.act_scheme()
+    if act is not None and not act.dynamic:
+        extra += ("absmax",)
+    return tuple(dict.fromkeys(SOLVERS[step.method][1] + extra))
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -76,7 +167,7 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, QuantStep]:
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     out: dict[str, QuantStep] = {}
     for name, mod in model.named_modules():
-        if not _is_linear(mod) or isinstance(mod, QuantLinear):
+        if not _is_linear(mod) or isinstance(mod, COMPRESSED_LINEARS):
             continue
         hits = []
         for i, s in enumerate(recipe.steps):
@@ -91,10 +182,11 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, QuantStep]:
             continue
         step = hits[0][1]
         w = linear_weight(mod)
-        step.scheme().check_shape(w.shape, name)
-        if SOLVERS[step.method][1] and id(mod) not in in_blocks:
+        if step.method not in ("nf4", "fp4"):  # code books flatten the weight: any shape fits
+            step.scheme().check_shape(w.shape, name)
+        if needs(step) and id(mod) not in in_blocks:
             raise RecipeError(
-                f"{name} is outside the decoder blocks, where method {step.method!r} has no "
+                f"{name} is outside the decoder blocks, where {step.describe()} has no "
                 "calibration statistics; ignore it or use method 'rtn' for it through an override"
             )
         if not torch.isfinite(w).all():
@@ -182,6 +274,113 @@ def _run_block(block: nn.Module, x: torch.Tensor, call: tuple) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _block_stats(
+    block: nn.Module, todo: dict[str, QuantStep], mods: dict[str, nn.Module],
+    inputs: list[torch.Tensor], calls: list[tuple], device: torch.device,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict]]:
+    """Run the block over the calibration inputs once with hooks and return each layer's
+    statistics (after any AWQ scale folding), plus per-layer notes for the report.
+
+    Linears that read the same tensor (q/k/v, gate/up) share one set of statistics; a short
+    trace on the first batch finds them, and also the op producing each input for AWQ."""
+    wanted = {ln: needs(st) for ln, st in todo.items() if needs(st)}
+    if not wanted:
+        return {}, {}
+    groups, ref = fold.trace(block, lambda: _run_block(block, inputs[0], calls[0]))
+    owner = {ln: g.linears[0] for g in groups for ln in g.linears}  # first reader holds the stats
+    per_owner: dict[str, set[str]] = defaultdict(set)
+    for ln, ss in wanted.items():
+        per_owner[owner.get(ln, ln)].update(ss)
+    collectors: dict[str, dict] = {}
+    hooks = []
+    for own, ss in per_owner.items():
+        k = linear_weight(mods[own]).shape[1]
+        col = collectors[own] = {s: STATS[s](k, device) for s in sorted(ss)}
+        def hook(m, a, o, col=col):
+            for c in col.values():
+                c.update(a[0])
+        hooks.append(mods[own].register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            for x, call in zip(inputs, calls, strict=True):
+                _run_block(block, x, call)
+    finally:
+        for h in hooks:
+            h.remove()
+    shared = {own: {s: c.result() for s, c in col.items()} for own, col in collectors.items()}
+    extra: dict[str, dict] = {}
+    awq = {ln for ln, st in todo.items() if st.awq}
+    sq = {ln for ln, st in todo.items() if st.smoothquant is not None}
+    if awq or sq:
+        extra = _scale_block(block, todo, mods, groups, shared, awq | sq, ref,
+                             lambda: _run_block(block, inputs[0], calls[0]))
+    return {ln: shared[owner.get(ln, ln)] for ln in wanted}, extra
+
+
+def _fake_quant(step: QuantStep) -> Callable[[torch.Tensor], torch.Tensor]:
+    scheme = step.scheme()
+
+    def q(w: torch.Tensor) -> torch.Tensor:
+        scale, zero = compute_qparams(w, scheme)
+        return dequantize(quantize(w, scale, zero, scheme), scale, zero, scheme)
+
+    return q
+
+
+def _scale_block(block, todo, mods, groups, shared, scaled, ref, rerun) -> dict[str, dict]:
+    """AWQ / SmoothQuant scales for every group of linears whose step asks for them, folded
+    into the op producing their input; the shared statistics are updated to what the scaled
+    layers now see (x / s). A fold that changes the float block output is undone."""
+    saved = fold.snapshot(block)
+    saved_stats = {k: dict(v) for k, v in shared.items()}
+    notes: dict[str, dict] = {}
+    for g in groups:
+        targets = [ln for ln in g.linears if ln in scaled]
+        if not targets or not g.foldable:
+            continue
+        st = shared[g.linears[0]]
+        ws = [linear_weight(mods[ln]).detach() for ln in targets]
+        step = todo[targets[0]]
+        if step.awq:
+            s, alpha, info = search_scale(
+                ws, [st["hessian"]] * len(targets), [_fake_quant(todo[ln]) for ln in targets],
+                reduce_absmean(st["absmean"], g.rep, g.head_dim), rep=g.rep, head_dim=g.head_dim,
+            )
+        elif g.rep == 1:
+            s, alpha, info = smooth_scale(
+                ws, st["absmax"], step.smoothquant, st.get("xsample"),
+                [_fake_quant(todo[ln]) for ln in targets], step.act_scheme(),
+            )
+        else:
+            continue
+        for ln in targets:
+            notes[ln] = info
+        if alpha == 0.0:
+            continue
+        fold.apply(block, g, s)
+        se = expand_scale(s, g.rep, g.head_dim)
+        new = dict(st)
+        for k, v in st.items():
+            se_ = se.to(v.device)
+            if k == "hessian":
+                new[k] = v / se_.unsqueeze(0) / se_.unsqueeze(1)
+            else:  # absmean, absmax [K] and xsample [T, K] all divide by s per channel
+                new[k] = v / se_
+        shared[g.linears[0]] = new
+    if notes:
+        with torch.inference_mode():
+            out = rerun()
+            ok, rel = fold.same_output(ref, out, tol=1e-4 if out.dtype == torch.float32 else 3e-2)
+        if not ok:
+            log.warning("scale folding changed the float output of a %s (rel. error %.2e); this block "
+                        "keeps plain scales", type(block).__name__, rel)
+            fold.restore(block, saved)
+            shared.clear()
+            shared.update(saved_stats)
+            return {}
+    return notes
+
+
 # --- the pass ------------------------------------------------------------------------------
 
 @dataclass
@@ -206,13 +405,27 @@ def _block_index(name: str, prefix: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+def _describe(qw: QuantizedWeight | CodebookWeight, step: QuantStep) -> str:
+    d = qw.describe() if isinstance(qw, CodebookWeight) else qw.scheme.describe()
+    act = step.act_scheme()
+    return d if act is None else f"{d}, act {act.describe()}"
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _swap(model: nn.Module, name: str, mod: nn.Module, qw: QuantizedWeight, home: torch.device) -> None:
+def _swap(model: nn.Module, name: str, mod: nn.Module, qw: QuantizedWeight | CodebookWeight, home: torch.device,
+          step: QuantStep | None = None, stats: dict | None = None) -> None:
     bias = getattr(mod, "bias", None)
-    set_submodule(model, name, QuantLinear(qw.to(home), None if bias is None else bias.detach().to(home)))
+    if isinstance(qw, CodebookWeight):
+        set_submodule(model, name, CodebookLinear(qw.to(home), None if bias is None else bias.detach().to(home)))
+        return
+    act = step.act_scheme() if step is not None else None
+    scale = None
+    if act is not None and not act.dynamic:
+        scale = static_scale(stats["absmax"].max(), act).to(home)
+    set_submodule(model, name, QuantLinear(qw.to(home), None if bias is None else bias.detach().to(home), act, scale))
 
 
 def run(
@@ -237,16 +450,16 @@ def run(
     by_block: dict[int | None, dict[str, QuantStep]] = defaultdict(dict)  # None: outside blocks
     for n, s in layers.items():
         by_block[_block_index(n, prefix)][n] = s
-    calib_methods = sorted({s.method for s in layers.values() if SOLVERS[s.method][1]})
+    calib_methods = sorted({s.describe() for s in layers.values() if needs(s)})
     last_calib_block = max((i for i, ls in by_block.items() if i is not None
-                            and any(SOLVERS[s.method][1] for s in ls.values())), default=-1)
+                            and any(needs(s) for s in ls.values())), default=-1)
     report = CompressionReport(recipe.name, device=str(device))
 
     inputs: list[torch.Tensor] = []
     calls: list[list[tuple]] = []
     if last_calib_block >= 0:
         if tokens is None:
-            raise ValueError(f"recipe {recipe.name!r} needs calibration data (methods {calib_methods}); pass calib=")
+            raise ValueError(f"recipe {recipe.name!r} needs calibration data ({calib_methods}); pass calib=")
         report.calib_tokens = int(tokens.numel())
         inputs, calls = _capture(model, blocks, tokens, batch_size, device)
 
@@ -260,33 +473,20 @@ def run(
         bar.set_postfix_str(f"{len(todo)} layers", refresh=False)
         block.to(device)
         mods = block_linears(block)
-        stats: dict[str, dict] = {}
-        hooks = []
-        for ln, step in todo.items():
-            for s in SOLVERS[step.method][1]:
-                k = linear_weight(mods[ln]).shape[1]
-                st = stats.setdefault(ln, {})[s] = STATS[s](k, device)
-                hooks.append(mods[ln].register_forward_hook(lambda m, a, o, st=st: st.update(a[0])))
-        try:
-            if hooks:
-                with torch.inference_mode():
-                    for x, call in zip(inputs, calls[i], strict=True):
-                        _run_block(block, x, call)
-        finally:
-            for h in hooks:
-                h.remove()
+        stats, extra = _block_stats(block, todo, mods, inputs, calls[i] if calls else [], device)
         for ln, step in todo.items():
             ts = time.perf_counter()
             mod = mods[ln]
             w = linear_weight(mod).detach()
-            st = {k: v.result() for k, v in stats.get(ln, {}).items()}
+            st = {k: v for k, v in stats.get(ln, {}).items()}
             qw = SOLVERS[step.method][0](w, st, step, bp + ln)
+            qw.info.update(extra.get(ln, {}))
             deq = qw.dequantize(torch.float32)
             rel = float((deq - w.float()).norm() / w.float().norm().clamp(min=1e-12))
             if not torch.isfinite(deq).all():
                 raise FloatingPointError(f"{bp + ln}: compressed weight is not finite")
-            _swap(block, ln, mod, qw, device)
-            report.layers.append(dict(name=bp + ln, method=step.method, scheme=step.scheme().describe(),
+            _swap(block, ln, mod, qw, device, step, st)
+            report.layers.append(dict(name=bp + ln, method=step.describe(), scheme=_describe(qw, step),
                                       rel_err=rel, seconds=time.perf_counter() - ts, **qw.info))
         stats.clear()
         if i < last_calib_block:  # the next block sees this block's compressed outputs
@@ -300,8 +500,8 @@ def run(
         mod = model.get_submodule(name)
         w = linear_weight(mod).detach()
         qw = SOLVERS[step.method][0](w, {}, step, name)
-        _swap(model, name, mod, qw, home)
-        report.layers.append(dict(name=name, method=step.method, scheme=step.scheme().describe(),
+        _swap(model, name, mod, qw, home, step)
+        report.layers.append(dict(name=name, method=step.describe(), scheme=_describe(qw, step),
                                   rel_err=float((qw.dequantize() - w.float()).norm() / w.float().norm()), seconds=0.0))
         if getattr(model.config, "tie_word_embeddings", False) and name == "lm_head":
             model.config.tie_word_embeddings = False  # the head now has its own (quantized) weight

@@ -24,9 +24,9 @@ class UnsupportedModelError(ValueError):
 
 
 def _is_linear(m: nn.Module) -> bool:
-    from llmpress.nn import QuantLinear
+    from llmpress.nn import COMPRESSED_LINEARS
 
-    return isinstance(m, (nn.Linear, QuantLinear)) or type(m).__name__ == "Conv1D"
+    return isinstance(m, (nn.Linear, *COMPRESSED_LINEARS)) or type(m).__name__ == "Conv1D"
 
 
 def linear_weight(m: nn.Module) -> torch.Tensor:
@@ -123,6 +123,10 @@ def load(
             from llmpress.formats.compressed_tensors import load_compressed
 
             model = load_compressed(p, dtype=dtype, trust_remote_code=trust_remote_code)
+        elif qc.get("quant_method") == "bitsandbytes":
+            from llmpress.formats.bnb import load_bnb
+
+            model = load_bnb(p, dtype=dtype, trust_remote_code=trust_remote_code)
         else:
             try:
                 model = AutoModelForCausalLM.from_pretrained(

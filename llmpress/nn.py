@@ -7,14 +7,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmpress.quant.act import ActScheme, fake_quant
+from llmpress.quant.nf4 import CodebookWeight
 from llmpress.quant.primitives import QuantizedWeight, QuantScheme
 
 
 class QuantLinear(nn.Module):
-    """y = x W^T + b with W held as a :class:`QuantizedWeight` (int8 integers in buffers)."""
+    """y = x W^T + b with W held as a :class:`QuantizedWeight` (int8 integers in buffers);
+    with ``act`` the input is quantized too (W8A8), using ``input_scale`` when static."""
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                 act: ActScheme | None = None, input_scale: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.act = act
+        if act is not None and not act.dynamic and input_scale is None:
+            raise ValueError("a static activation scheme needs input_scale")
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().float().reshape(1))
         self.scheme: QuantScheme = qw.scheme
         self.out_features, self.in_features = qw.shape
         self.register_buffer("qdata", qw.qdata)
@@ -33,7 +41,44 @@ class QuantLinear(nn.Module):
         return self.qweight.dequantize(self.scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = fake_quant(x, self.act, self.input_scale)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}"
+        a = "" if self.act is None else f", act {self.act.describe()}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}{a}"
+
+
+class CodebookLinear(nn.Module):
+    """y = x W^T + b with W held as a :class:`~llmpress.quant.nf4.CodebookWeight` (NF4 / FP4
+    code-book indices, absmax per block, optionally double-quantized absmax)."""
+
+    def __init__(self, cw: CodebookWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = cw.shape
+        self.quant_type, self.blocksize, self.offset = cw.quant_type, cw.blocksize, cw.offset
+        self.blocksize2, self.dtype = cw.blocksize2, cw.dtype
+        self.register_buffer("codes", cw.codes)
+        self.register_buffer("absmax", cw.absmax)
+        self.register_buffer("absmax2", cw.absmax2)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.info = dict(cw.info)
+
+    @property
+    def qweight(self) -> CodebookWeight:
+        return CodebookWeight(self.codes, self.absmax, self.quant_type, self.blocksize, self.absmax2,
+                              self.offset, self.blocksize2, self.dtype, self.info)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qweight.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qweight.describe()}"
+
+
+COMPRESSED_LINEARS = (QuantLinear, CodebookLinear)

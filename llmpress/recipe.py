@@ -4,7 +4,8 @@ YAML/JSON form::
 
     name: my-w4
     steps:
-      - method: gptq          # rtn | gptq
+      - method: gptq          # rtn | gptq | hqq | nf4 | fp4 | awq (= rtn with awq: true)
+        awq: false            # AWQ scales folded into the previous op before rtn/gptq
         bits: 4
         group_size: 64        # -1 = one scale per output channel
         symmetric: true
@@ -28,10 +29,12 @@ from typing import Any
 
 import yaml
 
+from llmpress.quant.act import ActScheme
 from llmpress.quant.gptq import GPTQConfig
 from llmpress.quant.primitives import OBSERVERS, STRATEGIES, QuantScheme
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "hqq", "nf4", "fp4")
+ALIASES = {"awq": dict(method="rtn", awq=True)}  # shorthand method names
 
 
 class RecipeError(ValueError):
@@ -58,6 +61,16 @@ class QuantStep:
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ("lm_head",)
     overrides: tuple[dict, ...] = ()
+    awq: bool = False  # activation-aware scales (AWQ) folded into the previous op first
+    float_zero: bool = False  # hqq: keep the optimised zero point in float (llmpress-only checkpoints)
+    type: str = "int"  # weight grid: int | float (FP8 E4M3, 8 bits, symmetric)
+    # activation quantization (W8A8): 8-bit int or float, per token (dynamic) or per tensor (static)
+    act_bits: int | None = None
+    act_type: str = "int"
+    act_strategy: str = "token"
+    act_dynamic: bool = True
+    smoothquant: float | str | None = None  # migration strength alpha in [0, 1], or "auto" (searched)
+    double_quant: bool = True  # nf4/fp4: quantize the absmax values too (bitsandbytes' double quantization)
     # GPTQ only
     damp: float = 0.01
     block_size: int = 128
@@ -65,6 +78,38 @@ class QuantStep:
     static_groups: bool = False
 
     def __post_init__(self) -> None:
+        for k, v in ALIASES.get(self.method, {}).items():
+            object.__setattr__(self, k, v)
+        for f in ("awq", "float_zero"):
+            if not isinstance(getattr(self, f), bool):
+                raise RecipeError(f"{f}={getattr(self, f)!r} is not allowed; allowed: true or false")
+        if self.method == "hqq" and self.symmetric:
+            raise RecipeError("method 'hqq' optimises the zero point: set symmetric: false")
+        if self.float_zero and self.method != "hqq":
+            raise RecipeError("float_zero applies to method 'hqq' only")
+        if self.awq and self.method == "hqq":
+            raise RecipeError("awq combines with 'rtn' or 'gptq', not 'hqq' (HQQ uses no calibration data)")
+        if self.method in ("nf4", "fp4"):
+            if self.bits != 4:
+                raise RecipeError(f"method {self.method!r} is a 4-bit code book; bits must be 4, got {self.bits}")
+            if self.act_bits is not None or self.awq or self.smoothquant is not None or self.type != "int":
+                raise RecipeError(f"method {self.method!r} is weight-only bitsandbytes quantization; it does not "
+                                  "combine with act_bits, awq, smoothquant or type float")
+            if self.group_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+                raise RecipeError(f"{self.method} blocksize (group_size) must be a power of 2 in 32..4096 "
+                                  f"(bitsandbytes uses 64), got {self.group_size!r}")
+        if not isinstance(self.double_quant, bool):
+            raise RecipeError(f"double_quant={self.double_quant!r} is not allowed; allowed: true or false")
+        if self.type == "float" and self.method == "hqq":
+            raise RecipeError("method 'hqq' makes integer weights; use rtn or gptq for type float (FP8)")
+        sq = self.smoothquant
+        if sq is not None and sq != "auto" and (isinstance(sq, bool) or not isinstance(sq, (int, float)) or not 0 <= sq <= 1):
+            raise RecipeError(f"smoothquant={sq!r} is not allowed; allowed: a migration strength in [0, 1] or 'auto'")
+        if sq is not None and self.act_bits is None:
+            raise RecipeError("smoothquant moves activation outliers into the weights; it needs act_bits: 8")
+        if sq is not None and self.awq:
+            raise RecipeError("a step uses either awq or smoothquant scales, not both")
+        self.act_scheme()
         if self.method not in METHODS:
             raise RecipeError(f"method={self.method!r} is not allowed; allowed: {list(METHODS)}")
         for f in ("targets", "ignore", "overrides"):
@@ -109,7 +154,24 @@ class QuantStep:
             raise RecipeError(f"group_size={gs!r} is not allowed; allowed: a positive integer, or -1 for per-channel")
         if not isinstance(self.symmetric, bool):
             raise RecipeError(f"symmetric={self.symmetric!r} is not allowed; allowed: true or false")
-        return QuantScheme(self.bits, self.symmetric, strategy, gs if strategy == "group" else None)
+        try:
+            return QuantScheme(self.bits, self.symmetric, strategy, gs if strategy == "group" else None, self.type)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+
+    def describe(self) -> str:
+        m = f"awq+{self.method}" if self.awq and self.method != "rtn" else ("awq" if self.awq else self.method)
+        return f"smoothquant+{m}" if self.smoothquant is not None else m
+
+    def act_scheme(self) -> ActScheme | None:
+        if self.act_bits is None:
+            return None
+        if not isinstance(self.act_dynamic, bool):
+            raise RecipeError(f"act_dynamic={self.act_dynamic!r} is not allowed; allowed: true or false")
+        try:
+            return ActScheme(self.act_bits, self.act_type, self.act_strategy, self.act_dynamic)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
 
     def gptq_config(self) -> GPTQConfig:
         try:
@@ -157,7 +219,11 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(s.method == "gptq" or any(o.get("method") == "gptq" for o in s.overrides) for s in self.steps)
+        def calib(d: dict) -> bool:
+            static = d.get("act_bits") is not None and d.get("act_dynamic") is False
+            return d.get("method") in ("gptq", "awq") or bool(d.get("awq")) or d.get("smoothquant") is not None or static
+
+        return any(calib(s.to_dict()) or any(calib(o) for o in s.overrides) for s in self.steps)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "steps": [s.to_dict() for s in self.steps]}
@@ -196,6 +262,26 @@ PRESETS: dict[str, dict] = {
     "w4a16-gptq": dict(method="gptq", bits=4, observer="mse"),
     "w3a16-gptq": dict(method="gptq", bits=3, observer="mse"),
     "w8a16-gptq": dict(method="gptq", bits=8, group_size=-1, observer="mse"),
+    # AWQ: activation-aware scales folded into the previous op, then activation-aware clipping
+    # (observer mse weighted by the layer's inputs) and rounding, or GPTQ on the scaled weights
+    # bitsandbytes NF4 / FP4, block 64, double quantization (identical to bitsandbytes)
+    "nf4": dict(method="nf4", bits=4, group_size=64),
+    "fp4": dict(method="fp4", bits=4, group_size=64),
+    # HQQ: calibration-free half-quadratic zero-point optimisation (asymmetric)
+    # with float zero points as the reference keeps them (float_zero: false for vLLM-loadable ones)
+    "w4a16-hqq": dict(method="hqq", bits=4, symmetric=False, float_zero=True),
+    "w3a16-hqq": dict(method="hqq", bits=3, symmetric=False, float_zero=True),
+    "w2a16-hqq": dict(method="hqq", bits=2, symmetric=False, float_zero=True),
+    "w8a16-hqq": dict(method="hqq", bits=8, symmetric=False, float_zero=True),
+    # W8A8: 8-bit weights per channel and 8-bit activations per token (dynamic)
+    "w8a8-fp8": dict(method="rtn", type="float", bits=8, group_size=-1, act_bits=8, act_type="float"),
+    "w8a8-int8": dict(method="gptq", bits=8, group_size=-1, observer="mse", act_bits=8, smoothquant="auto"),
+    "w8a8-int8-static": dict(method="gptq", bits=8, group_size=-1, observer="mse", act_bits=8,
+                             act_strategy="tensor", act_dynamic=False, smoothquant="auto"),
+    "w4a16-awq": dict(method="rtn", awq=True, bits=4, observer="mse"),
+    "w3a16-awq": dict(method="rtn", awq=True, bits=3, observer="mse"),
+    "w4a16-awq-gptq": dict(method="gptq", awq=True, bits=4, observer="mse"),
+    "w3a16-awq-gptq": dict(method="gptq", awq=True, bits=3, observer="mse"),
 }
 
 

@@ -1,11 +1,10 @@
 import pytest
 import torch
+from conftest import correlated_tokens, tiny_model
 
 import llmpress as lp
 from llmpress.calibrate import plan
 from llmpress.recipe import RecipeError
-
-from conftest import correlated_tokens, tiny_model
 
 
 def _logit_err(model, ref, tokens):
@@ -70,3 +69,53 @@ def test_plan_errors_before_any_change():
     for k, v in m.state_dict().items():  # nothing was swapped or modified
         if k != "model.layers.1.mlp.up_proj.weight":
             assert torch.equal(v, before[k]), k
+
+
+def test_awq_pass_beats_rtn_and_keeps_float_model_when_unquantized():
+    base = tiny_model("llama", seed=1)
+    calib = correlated_tokens(32, 64, seed=1)
+    held = correlated_tokens(4, 64, seed=2)
+    with torch.no_grad():
+        ref = base(held).logits
+    errs, reps = {}, {}
+    for r in ("w3a16-rtn", "w3a16-awq", "w3a16-gptq", "w3a16-awq-gptq"):
+        m = tiny_model("llama", seed=1)
+        reps[r] = lp.compress(m, lp.recipe(r, group_size=32), calib, progress=False)
+        errs[r] = _logit_err(m, ref, held)
+    assert errs["w3a16-awq"] < 0.75 * errs["w3a16-rtn"], errs
+    assert errs["w3a16-awq-gptq"] < errs["w3a16-rtn"], errs
+    alphas = [d["awq_alpha"] for d in reps["w3a16-awq"].layers if "awq_alpha" in d]
+    assert len(alphas) == 14 and any(a > 0 for a in alphas)  # every layer has a foldable producer
+    assert {d["method"] for d in reps["w3a16-awq-gptq"].layers} == {"awq+gptq"}
+
+
+def test_awq_fold_that_changes_the_float_model_is_undone(monkeypatch, caplog):
+    from llmpress import fold
+
+    monkeypatch.setitem(fold.LINEAR_PAIRS, "o_proj", "q_proj")  # not a per-channel linear path
+    m = tiny_model("llama", seed=1)
+    with caplog.at_level("WARNING"):
+        rep = lp.compress(m, lp.recipe("w3a16-awq", group_size=32), correlated_tokens(8, 32), progress=False)
+    assert "keeps plain scales" in caplog.text
+    undone = {d["name"].split(".")[2] for d in rep.layers if "awq_alpha" not in d}
+    assert undone and all(not d["name"].startswith(f"model.layers.{b}.") or "awq_alpha" not in d
+                          for b in undone for d in rep.layers)
+
+
+def test_smoothquant_w8a8_beats_plain_w8a8_on_activation_outliers():
+    base = tiny_model("llama", seed=1)
+    with torch.no_grad():  # outlier channels in the residual stream, as in real LLMs
+        base.model.embed_tokens.weight[:, 5:7] *= 30.0
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    calib, held = correlated_tokens(16, 64, seed=1), correlated_tokens(4, 64, seed=2)
+    with torch.no_grad():
+        ref = base(held).logits
+    errs, reps = {}, {}
+    step = dict(method="rtn", bits=8, group_size=-1, act_bits=8)
+    for name, kw in {"plain": {}, "smooth": dict(smoothquant="auto")}.items():
+        m = tiny_model("llama", seed=1)
+        m.load_state_dict(state)
+        reps[name] = lp.compress(m, lp.Recipe.from_dict([{**step, **kw}]), calib, progress=False)
+        errs[name] = _logit_err(m, ref, held)
+    assert errs["smooth"] < 0.7 * errs["plain"], errs
+    assert any(d.get("smooth_alpha", 0) > 0 for d in reps["smooth"].layers)

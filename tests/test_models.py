@@ -1,12 +1,11 @@
 import pytest
 import torch
+from conftest import ARCHS, correlated_tokens, tiny_model
 from torch import nn
 
 import llmpress as lp
 from llmpress.models import UnsupportedModelError, block_linears, find_blocks
 from llmpress.nn import QuantLinear
-
-from conftest import ARCHS, correlated_tokens, tiny_model
 
 EXPECTED_LINEARS = {"phi3": 4, "gpt2": 4, "gpt_neox": 4, "opt": 6}  # fused qkv / no gate
 

@@ -29,7 +29,7 @@ def test_overrides_first_match_and_skip():
 
 
 @pytest.mark.parametrize("bad, field", [
-    ({"method": "awq"}, "method"), ({"bits": 9}, "bits"), ({"bitz": 4}, "bitz"),
+    ({"method": "spqr"}, "method"), ({"bits": 9}, "bits"), ({"bitz": 4}, "bitz"),
     ({"group_size": 0}, "group_size"), ({"strategy": "row"}, "strategy"), ({"targets": "Linear"}, "targets"),
     ({"overrides": [{"bits": 8}]}, "pattern"), ({"overrides": [{"pattern": "x", "bogus": 1}]}, "bogus"),
     ({"targets": ["re:("]}, "regex"), ({"damp": 2.0}, "damp"),

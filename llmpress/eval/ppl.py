@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress import data
-from llmpress.nn import QuantLinear
+from llmpress.nn import COMPRESSED_LINEARS
 
 
 @dataclass
@@ -37,20 +37,21 @@ class EvalResult:
 def model_size(model: nn.Module, path: str | Path | None = None) -> tuple[float, float | None, int]:
     """(size in MB, effective bits per quantized weight or None, parameter count). With
     ``path``, the size is the bytes of its *.safetensors files on disk."""
-    from llmpress.formats.compressed_tensors import state_dict
+    from llmpress.formats import layout_for
 
     qbits = qn = 0
     params = 0
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, COMPRESSED_LINEARS):
+            n = m.out_features * m.in_features
             qbits += m.qweight.storage_bits()
-            qn += m.qdata.numel()
-            params += m.qdata.numel()
+            qn += n
+            params += n
     params += sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
     if path is not None:
         size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     else:
-        size = sum(t.numel() * t.element_size() for t in state_dict(model).values())
+        size = sum(t.numel() * t.element_size() for t in layout_for(model).state_dict(model).values())
     return size / 1e6, (qbits / qn if qn else None), params
 
 

@@ -1,9 +1,12 @@
-"""compressed-tensors checkpoints (``pack-quantized``), the format transformers and vLLM load.
+"""compressed-tensors checkpoints, the format transformers and vLLM load.
 
-Writer: per quantized linear ``{name}.weight_packed`` (int32, dense bit packing along
-in_features), ``weight_scale`` [out, G], ``weight_zero_point`` (asymmetric only; packed along
-out_features) and ``weight_shape``; everything else as plain tensors; ``quantization_config``
-in config.json with one config group per distinct scheme. Reader: rebuilds the model with
+Writer, per quantized linear: ``pack-quantized`` (integer weights below 8 bits, W4A16 etc.):
+``{name}.weight_packed`` (int32, dense bit packing along in_features), ``weight_scale``
+[out, G], ``weight_zero_point`` (asymmetric only; packed along out_features) and
+``weight_shape``; ``int-quantized`` (W8A8 int8) and ``float-quantized`` (FP8): ``weight`` in
+int8 / float8_e4m3fn and ``weight_scale``; ``input_scale`` for static activation scales.
+Everything else as plain tensors; ``quantization_config`` in config.json with one config
+group per distinct (weights, activations, format). Reader: rebuilds the model with
 :class:`~llmpress.nn.QuantLinear` modules holding exactly the stored integers.
 """
 
@@ -25,14 +28,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmpress.nn import QuantLinear
+from llmpress.quant.act import ActScheme
 from llmpress.quant.pack import pack_int32, unpack_int32
-from llmpress.quant.primitives import QuantizedWeight, QuantScheme
+from llmpress.quant.primitives import FP8, QuantizedWeight, QuantScheme
 from llmpress.recipe import match
 
 log = logging.getLogger(__name__)
 
 SHARD_BYTES = 4 * 2**30
 PACKED_ZP = ("group", "channel")
+FLOAT_ZERO_FORMAT = "llmpress-float-zero"  # HQQ float zero points: not a compressed-tensors format
 
 
 class OutputExistsError(FileExistsError):
@@ -71,87 +76,126 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, protect: tuple =
 
 def _scheme_args(s: QuantScheme) -> dict:
     return {
-        "num_bits": s.bits, "type": "int", "symmetric": s.symmetric, "strategy": s.strategy,
+        "num_bits": s.bits, "type": s.type, "symmetric": s.symmetric, "strategy": s.strategy,
         "group_size": s.group_size if s.strategy == "group" else None, "dynamic": False,
         "actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {},
     }
 
 
 def _scheme_from_args(a: dict) -> QuantScheme:
-    if a.get("type", "int") != "int" or a.get("dynamic"):
-        raise ValueError(f"unsupported compressed-tensors weight scheme {a}; llmpress reads static int weights")
+    if a.get("type", "int") not in ("int", "float") or a.get("dynamic"):
+        raise ValueError(f"unsupported compressed-tensors weight scheme {a}; llmpress reads static int and fp8 weights")
     strategy = a.get("strategy") or ("group" if a.get("group_size") else "channel")
-    return QuantScheme(int(a["num_bits"]), bool(a.get("symmetric", True)), strategy, a.get("group_size"))
+    return QuantScheme(int(a["num_bits"]), bool(a.get("symmetric", True)), strategy, a.get("group_size"), a.get("type", "int"))
+
+
+def _act_from_args(a: dict | None) -> ActScheme | None:
+    if not a:
+        return None
+    return ActScheme(int(a["num_bits"]), a.get("type", "int"), a.get("strategy", "token"), bool(a.get("dynamic", True)))
+
+
+def layer_format(q: QuantLinear) -> str:
+    """compressed-tensors format of one layer: FP8 -> float-quantized; int8 with quantized
+    activations (W8A8) -> int-quantized; other integer weights -> pack-quantized."""
+    if q.scheme.type == "float":
+        return "float-quantized"
+    if q.zero is not None and q.zero.is_floating_point():
+        return FLOAT_ZERO_FORMAT
+    if q.act is not None and q.scheme.bits == 8:
+        return "int-quantized"
+    return "pack-quantized"
 
 
 def quantized_tensors(name: str, q: QuantLinear) -> dict[str, torch.Tensor]:
     """The tensors one quantized linear is stored as."""
     s = q.scheme
-    out = {
-        f"{name}.weight_packed": pack_int32(q.qdata.cpu(), s.bits, dim=1),
-        f"{name}.weight_scale": q.scale.cpu(),
-        f"{name}.weight_shape": torch.tensor(list(q.qdata.shape), dtype=torch.int64),
-    }
+    if layer_format(q) in ("float-quantized", "int-quantized"):
+        sc = q.scale.cpu() if s.strategy == "tensor" else q.scale.cpu().reshape(q.out_features, -1)
+        out = {f"{name}.weight": q.qdata.cpu(), f"{name}.weight_scale": sc}
+    else:
+        out = {
+            f"{name}.weight_packed": pack_int32(q.qdata.cpu(), s.bits, dim=1),
+            f"{name}.weight_scale": q.scale.cpu(),
+            f"{name}.weight_shape": torch.tensor(list(q.qdata.shape), dtype=torch.int64),
+        }
+    if q.input_scale is not None:
+        out[f"{name}.input_scale"] = q.input_scale.cpu()
     if q.zero is not None:
         z = q.zero.cpu().reshape(q.out_features, -1) if s.strategy != "tensor" else q.zero.cpu()
-        out[f"{name}.weight_zero_point"] = pack_int32(z, s.bits, dim=0) if s.strategy in PACKED_ZP else z
+        packed = s.strategy in PACKED_ZP and not z.is_floating_point()
+        out[f"{name}.weight_zero_point"] = pack_int32(z, s.bits, dim=0) if packed else z
     if q.bias is not None:
         out[f"{name}.bias"] = q.bias.detach().cpu()
     return out
 
 
-def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors: packed quantized linears plus every other parameter/buffer
-    (tied weights stored once, as transformers expects)."""
-    sd: dict[str, torch.Tensor] = {}
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for n, m in quant.items():
-        sd.update(quantized_tensors(n, m))
-    skip = tuple(f"{n}." for n in quant)
+def plain_tensors(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer whose name does not start with one of ``skip``
+    (tied weights once, as transformers expects)."""
     tensors = dict(model.named_parameters())  # shared (tied) parameters appear once
     for mod_name, mod in model.named_modules():
         for bname, b in mod.named_buffers(recurse=False):
             if bname not in mod._non_persistent_buffers_set:
                 tensors[f"{mod_name}.{bname}" if mod_name else bname] = b
-    for k, t in tensors.items():
-        if not k.startswith(skip):
-            sd[k] = t.detach().cpu().contiguous()
+    return {k: t.detach().cpu().contiguous() for k, t in tensors.items() if not k.startswith(skip)}
+
+
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors: packed quantized linears plus every other parameter/buffer."""
+    sd: dict[str, torch.Tensor] = {}
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for n, m in quant.items():
+        sd.update(quantized_tensors(n, m))
+    sd.update(plain_tensors(model, skip=tuple(f"{n}." for n in quant)))
     return sd
 
 
 def quantization_config(model: nn.Module) -> dict | None:
-    groups: dict[QuantScheme, list[str]] = defaultdict(list)
+    groups: dict[tuple[QuantScheme, str, ActScheme | None], list[str]] = defaultdict(list)
     for n, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            groups[m.scheme].append(n)
+            groups[(m.scheme, layer_format(m), m.act)].append(n)
     if not groups:
         return None
     quantized = {n for names in groups.values() for n in names}
     unquantized = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     config_groups = {}
-    for i, (scheme, names) in enumerate(sorted(groups.items(), key=lambda kv: -len(kv[1]))):
+    for i, ((scheme, fmt, act), names) in enumerate(sorted(groups.items(), key=lambda kv: -len(kv[1]))):
         targets = ["Linear"] if len(groups) == 1 else sorted(names)
+        if fmt == FLOAT_ZERO_FORMAT:
+            log.warning("%d layers have float zero points (HQQ with float_zero): llmpress reads this "
+                        "checkpoint, transformers and vLLM do not; use float_zero: false for them", len(names))
         config_groups[f"group_{i}"] = {
             "targets": targets, "weights": _scheme_args(scheme),
-            "input_activations": None, "output_activations": None, "format": "pack-quantized",
+            "input_activations": None if act is None else act.ct_args(), "output_activations": None,
+            "format": fmt,
         }
+    formats = {f for _, f, _ in groups}
     from compressed_tensors import __version__ as ct_version
 
     return {
-        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed", "config_groups": config_groups,
         "ignore": sorted(unquantized), "kv_cache_scheme": None, "global_compression_ratio": None,
         "sparsity_config": {}, "transform_config": {}, "version": ct_version,
     }
 
 
-def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False, extra_files: dict | None = None) -> Path:
-    """Write ``model`` as a compressed-tensors checkpoint directory, atomically."""
+def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False, extra_files: dict | None = None,
+         layout=None) -> Path:
+    """Write ``model`` as a checkpoint directory, atomically: compressed-tensors, or the
+    ``layout`` module given (e.g. :mod:`llmpress.formats.bnb`) with its own ``state_dict``
+    and ``quantization_config``."""
+    import sys
+
+    layout = layout or sys.modules[__name__]
     src = getattr(model, "llmpress_source", None)
     with atomic_dir(out, overwrite, protect=(src,)) as tmp:
-        sd = state_dict(model)
+        sd = layout.state_dict(model)
         cfg = model.config.to_dict()
-        qc = quantization_config(model)
+        qc = layout.quantization_config(model)
         if qc is not None:
             cfg["quantization_config"] = qc
         else:
@@ -209,38 +253,54 @@ def load_compressed(d: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     d = Path(d)
     cfg_d = json.loads((d / "config.json").read_text())
     qc = cfg_d.get("quantization_config") or {}
-    if qc.get("format") not in ("pack-quantized", None):
-        raise ValueError(f"{d}: compressed-tensors format {qc.get('format')!r} is not supported yet (pack-quantized is)")
+    readable = ("pack-quantized", "int-quantized", "float-quantized", FLOAT_ZERO_FORMAT)
+    groups = [(g["targets"], _scheme_from_args(g["weights"]), _act_from_args(g.get("input_activations")),
+               g.get("format") or qc.get("format")) for g in qc.get("config_groups", {}).values()]
+    for *_, fmt in groups:
+        if fmt not in readable:
+            raise ValueError(f"{d}: compressed-tensors format {fmt!r} is not supported yet (readable: {readable})")
     config = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     tensors = _read_tensors(d)
-    groups = [(g["targets"], _scheme_from_args(g["weights"])) for g in qc.get("config_groups", {}).values()]
     ignore = qc.get("ignore", [])
-    for name in [k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed")]:
+    for name in [k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale")]:
         mod = model.get_submodule(name)
         cls = type(mod).__name__
-        schemes = [s for targets, s in groups if any(match(t, name, cls) or match(t, name, "Linear") for t in targets)]
-        if not schemes or any(match(t, name, cls) for t in ignore):
-            raise ValueError(f"{d}: {name} has packed weights but no matching config group")
-        s = schemes[0]
-        n, k = (int(x) for x in tensors.pop(f"{name}.weight_shape"))
-        q = unpack_int32(tensors.pop(f"{name}.weight_packed"), s.bits, (n, k), dim=1)
+        hits = [g for g in groups if any(match(t, name, cls) or match(t, name, "Linear") for t in g[0])]
+        if not hits or any(match(t, name, cls) for t in ignore):
+            raise ValueError(f"{d}: {name} has quantized weights but no matching config group")
+        _, s, act, fmt = hits[0]
         scale = tensors.pop(f"{name}.weight_scale")
+        if f"{name}.weight_packed" in tensors:
+            n, k = (int(x) for x in tensors.pop(f"{name}.weight_shape"))
+            q = unpack_int32(tensors.pop(f"{name}.weight_packed"), s.bits, (n, k), dim=1)
+        else:
+            q = tensors.pop(f"{name}.weight")
+            n, k = q.shape
+            q = q.to(FP8 if s.type == "float" else torch.int8)
         scale = scale.reshape(1) if s.strategy == "tensor" else scale.reshape(n, -1)
         zero = tensors.pop(f"{name}.weight_zero_point", None)
-        if zero is not None and s.strategy in PACKED_ZP:
+        if zero is not None and zero.is_floating_point():
+            zero = zero.reshape(scale.shape)
+        elif zero is not None and s.strategy in PACKED_ZP and fmt == "pack-quantized":
             zero = unpack_int32(zero, s.bits, (n, scale.shape[1]), dim=0)
         elif zero is not None:
-            zero = zero.to(torch.int8).reshape(1)
+            zero = zero.to(torch.int8).reshape(scale.shape)
         if s.symmetric:
             zero = None
         bias = tensors.pop(f"{name}.bias", None)
         qw = QuantizedWeight(q, scale, zero, s)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(qw, bias))
+        ql = QuantLinear(qw, bias, act, tensors.pop(f"{name}.input_scale", None))
+        setattr(model.get_submodule(parent) if parent else model, child, ql)
+    return finish_load(model, tensors, d)
+
+
+def finish_load(model: nn.Module, tensors: dict[str, torch.Tensor], d: Path) -> nn.Module:
+    """Assign the remaining plain tensors, tie weights, check nothing is missing."""
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise ValueError(f"{d}: unexpected tensors in checkpoint: {unexpected[:5]}")

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from llmpress.quant.primitives import OBSERVERS, QuantizedWeight, QuantScheme, compute_qparams
+from llmpress.quant.primitives import (
+    FP8,
+    OBSERVERS,
+    QuantizedWeight,
+    QuantScheme,
+    compute_qparams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +113,7 @@ def gptq(
         return out
     del H
 
-    qmin, qmax = scheme.qmin, scheme.qmax
-    Q = torch.zeros(n, k, dtype=torch.int8, device=W.device)
+    Q = torch.zeros(n, k, dtype=FP8 if scheme.type == "float" else torch.int8, device=W.device)
     if not static:
         scale_all = torch.empty(n, k // gs, dtype=torch.float32, device=W.device)
         zero_all = None if scheme.symmetric else torch.empty(n, k // gs, dtype=torch.int8, device=W.device)
@@ -127,7 +132,7 @@ def gptq(
             col = i1 + i
             if not static and col % gs == 0:  # lazy group params from the updated weights
                 cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]  # [N, gs]
-                s, z = compute_qparams(cur, QuantScheme(scheme.bits, scheme.symmetric, "channel"),
+                s, z = compute_qparams(cur, QuantScheme(scheme.bits, scheme.symmetric, "channel", type=scheme.type),
                                        cfg.observer, hdiag[col : col + gs])
                 scale_all[:, col // gs] = s[:, 0]
                 if z is not None:
@@ -136,9 +141,9 @@ def gptq(
             s = scale_all[:, g]
             z = zero_all[:, g].float() if zero_all is not None else 0.0
             x = W1[:, i]
-            q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+            q = scheme.round(x / s + z)
             dq = (q - z) * s
-            Q[:, col] = q.to(torch.int8)
+            Q[:, col] = q.to(Q.dtype)
             d = U1[i, i]
             err = (x - dq) / d
             loss += ((x - dq) ** 2).sum() / d**2 / 2

@@ -14,6 +14,9 @@ import torch
 
 STRATEGIES = ("tensor", "channel", "group")
 OBSERVERS = ("minmax", "mse")
+TYPES = ("int", "float")  # float: FP8 E4M3 (torch.float8_e4m3fn), symmetric, scale = amax / 448
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
 
 @dataclass(frozen=True)
@@ -21,15 +24,22 @@ class QuantScheme:
     """How one weight matrix is quantized: bit width, symmetry, and scale granularity.
 
     ``strategy`` is ``"tensor"`` (one scale), ``"channel"`` (one per output row) or
-    ``"group"`` (one per ``group_size`` consecutive input columns of each row).
+    ``"group"`` (one per ``group_size`` consecutive input columns of each row). ``type`` is
+    ``"int"`` (affine integers) or ``"float"`` (FP8 E4M3: 8 bits, symmetric).
     """
 
     bits: int = 4
     symmetric: bool = True
     strategy: str = "group"
     group_size: int | None = 128
+    type: str = "int"
 
     def __post_init__(self) -> None:
+        if self.type not in TYPES:
+            raise ValueError(f"type={self.type!r} is not supported; allowed: {TYPES}")
+        if self.type == "float" and (self.bits != 8 or not self.symmetric):
+            raise ValueError(f"float (FP8 E4M3) weights are 8-bit and symmetric; got bits={self.bits}, "
+                             f"symmetric={self.symmetric}")
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits={self.bits!r} is not supported; allowed: integers 2..8")
         if self.strategy not in STRATEGIES:
@@ -68,7 +78,15 @@ class QuantScheme:
 
     def describe(self) -> str:
         g = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.strategy, f"g{self.group_size}")
+        if self.type == "float":
+            return f"fp8-e4m3 {g}"
         return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest grid point of ``x`` (already divided by the scale, zero point added), as float."""
+        if self.type == "float":
+            return x.clamp(-FP8_MAX, FP8_MAX).to(FP8).float()
+        return torch.round(x).clamp_(self.qmin, self.qmax)
 
 
 def largest_pow2_divisor(k: int, cap: int = 128) -> int:
@@ -95,6 +113,7 @@ def compute_qparams(
     importance: torch.Tensor | None = None,
     grid: int = 40,
     min_ratio: float = 0.5,
+    hessian: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero point) for ``w`` [N, K].
 
@@ -103,26 +122,36 @@ def compute_qparams(
     ``max|w| / ((qmax - qmin) / 2)`` as compressed-tensors and the GPTQ reference do.
     ``mse``: shrink the range by the factor in [min_ratio, 1] that minimises each group's
     squared rounding error, weighted per input column by ``importance`` [K] (e.g. diag(H)),
-    the GPTQ reference's ``mse`` grid search.
+    the GPTQ reference's ``mse`` grid search. With ``hessian`` [K, K] (the input second moment)
+    the error is each group's share of the layer's output error, ``e^T H_gg e``: AWQ's
+    activation-aware clipping search, computed from the statistic instead of stored inputs.
     """
     if observer not in OBSERVERS:
         raise ValueError(f"observer={observer!r}; allowed: {OBSERVERS}")
     g = _grouped(w.float(), scheme)  # [N', G, gs]
+    if scheme.type == "float":  # FP8 keeps relative precision: the full range is the best scale
+        amax = g.abs().amax(dim=-1)
+        return _flatten_tensor_params((amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny), None, scheme)
     lo0 = g.amin(dim=-1).clamp(max=0.0)
     hi0 = g.amax(dim=-1).clamp(min=0.0)
     if observer == "minmax":
         return _flatten_tensor_params(*_minmax(lo0, hi0, scheme), scheme)
-    imp = None
-    if importance is not None:
+    imp = hb = None
+    if hessian is not None and scheme.strategy != "tensor":
+        k, gs = w.shape[1], g.shape[-1]
+        hb = torch.stack([hessian[i : i + gs, i : i + gs] for i in range(0, k, gs)]).float()  # [G, gs, gs]
+    elif importance is not None:
         imp = _grouped(importance.float().reshape(1, -1).expand(w.shape[0], -1).contiguous(), scheme)
     best = None
     for r in torch.linspace(1.0, min_ratio, grid).tolist():
         scale, zero = _minmax(lo0 * r, hi0 * r, scheme)
         zf = zero.float().unsqueeze(-1) if zero is not None else 0.0
-        q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zf, scheme.qmin, scheme.qmax)
+        q = scheme.round(g / scale.unsqueeze(-1) + zf)
         e = (q - zf) * scale.unsqueeze(-1) - g
-        e = e * e if imp is None else e * e * imp
-        err = e.sum(-1)  # [N', G]
+        if hb is not None:
+            err = torch.einsum("ngi,gij,ngj->ng", e, hb, e)  # [N', G]
+        else:
+            err = (e * e if imp is None else e * e * imp).sum(-1)  # [N', G]
         if best is None:
             best, best_err = (scale, zero), err
         else:
@@ -160,9 +189,13 @@ def _per_group(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def quantize(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
 ) -> torch.Tensor:
-    """Round ``w`` [N, K] onto the grid; returns int8 integers in [qmin, qmax]."""
+    """Round ``w`` [N, K] onto the grid; returns int8 integers in [qmin, qmax] (FP8 values in
+    ``torch.float8_e4m3fn`` for float schemes)."""
     g = _grouped(w.float(), scheme)  # [N', G, gs]
-    q = torch.round(g / _per_group(scale, g))
+    q = g / _per_group(scale, g)
+    if scheme.type == "float":
+        return q.clamp_(-FP8_MAX, FP8_MAX).to(FP8).reshape(w.shape)
+    q = torch.round(q)
     if zero is not None:
         q += _per_group(zero, g)
     return q.clamp_(scheme.qmin, scheme.qmax).to(torch.int8).reshape(w.shape)
@@ -188,7 +221,8 @@ class QuantizedWeight:
     """A weight matrix on an integer grid: the one object solvers return and writers read.
 
     qdata: int8 [out, in] signed integers; scale: [out, G] (or [1]) in the model dtype;
-    zero: int8 like ``scale`` or None (symmetric).
+    zero: int8 like ``scale``, a float zero point (HQQ without integer rounding), or None
+    (symmetric).
     """
 
     qdata: torch.Tensor
@@ -198,8 +232,10 @@ class QuantizedWeight:
     info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        assert self.qdata.dtype == torch.int8 and self.qdata.dim() == 2, self.qdata.dtype
+        assert self.qdata.dtype == (FP8 if self.scheme.type == "float" else torch.int8), self.qdata.dtype
+        assert self.qdata.dim() == 2
         assert (self.zero is None) == self.scheme.symmetric
+        assert self.zero is None or self.zero.dtype == torch.int8 or self.zero.is_floating_point()
 
     @property
     def shape(self) -> torch.Size:
@@ -213,8 +249,8 @@ class QuantizedWeight:
         n, k = self.shape
         bits = math.ceil(k * self.scheme.bits / 32) * 32 * n
         bits += self.scale.numel() * self.scale.element_size() * 8
-        if self.zero is not None:
-            bits += self.zero.numel() * self.scheme.bits
+        if self.zero is not None:  # integer zero points pack like the weights; float ones (HQQ) do not
+            bits += self.zero.numel() * (self.scheme.bits if self.zero.dtype == torch.int8 else self.zero.element_size() * 8)
         return bits
 
     def bits_per_weight(self) -> float:

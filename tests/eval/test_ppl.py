@@ -2,10 +2,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 
 import llmpress as lp
-
-from conftest import tiny_model
 
 
 def test_metrics_match_a_direct_computation(tokenizer, text_file):

@@ -2,12 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import correlated_tokens, tiny_model
 
 import llmpress as lp
 from llmpress.formats.compressed_tensors import OutputExistsError
 from llmpress.nn import QuantLinear
-
-from conftest import correlated_tokens, tiny_model
 
 
 @pytest.mark.parametrize("rec, g", [("w4a16-gptq", 32), ("w8a16", None), ("w3a16-rtn", 16)])
@@ -101,3 +100,28 @@ def test_sharded_write_reads_back(tmp_path, monkeypatch):
     t = correlated_tokens(1, 16)
     with torch.no_grad():
         assert torch.equal(lp.load(tmp_path / "s")(t).logits, m(t).logits)
+
+
+@pytest.mark.parametrize("rec, fmt", [("w8a8-fp8", "float-quantized"), ("w8a8-int8", "int-quantized"),
+                                      ("w8a8-int8-static", "int-quantized")])
+def test_w8a8_checkpoints_run_in_transformers_with_activation_quantization(tmp_path, rec, fmt):
+    """transformers + compressed-tensors quantizes the activations at run time as we simulate
+    them: the logits are identical, and differ from a weights-only (dequantize) load."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    m = tiny_model("llama", seed=1)
+    lp.compress(m, lp.recipe(rec), correlated_tokens(8, 32), progress=False)
+    out = lp.save(m, tmp_path / "ckpt")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    grp = qc["config_groups"]["group_0"]
+    assert qc["format"] == fmt and grp["input_activations"]["num_bits"] == 8
+    t = correlated_tokens(2, 32, seed=5)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    weights_only = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+    back = lp.load(out)
+    with torch.no_grad():
+        a, b, c, d = m(t).logits, hf(t).logits, weights_only(t).logits, back(t).logits
+    assert torch.equal(a, d)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+    assert not torch.allclose(a, c, atol=1e-4)

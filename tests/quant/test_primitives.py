@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from llmpress.quant.primitives import QuantizedWeight, QuantScheme, compute_qparams, dequantize, quantize
+from llmpress.quant.primitives import (
+    QuantizedWeight,
+    QuantScheme,
+    compute_qparams,
+    dequantize,
+    quantize,
+)
 from llmpress.quant.rtn import rtn
 
 SCHEMES = [QuantScheme(b, sym, st, 32 if st == "group" else None)

@@ -1,0 +1,91 @@
+"""HQQ: half-quadratic quantization (Badri & Shaji 2023, "Half-Quadratic Quantization of Large
+Machine Learning Models"), calibration-free.
+
+Minimises ``||W - (Q - z) s||_p^p`` with ``p < 1`` (a sparsity-promoting norm that ignores the
+few weights rounding cannot fit) by half-quadratic splitting: an auxiliary error ``W_e`` is
+updated by the generalised soft-threshold of the ``l_p`` norm, then the zero point by its
+closed form, with the penalty ``beta`` growing by ``kappa`` each step. The scale stays the
+min-max one, as in the reference solver. Pure function on tensors, vectorised over groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmpress.quant.primitives import QuantizedWeight, QuantScheme, _grouped
+
+
+@dataclass(frozen=True)
+class HQQConfig:
+    """lp_norm, beta, kappa, iters: the reference solver's defaults. ``int_zero``: round the
+    optimised zero point to an integer (compressed-tensors and vLLM store integer zero points)
+    and refit the scale for it; False keeps a float zero point (llmpress checkpoints only)."""
+
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    iters: int = 20
+    int_zero: bool = True
+    shrink: tuple[float, ...] = (1.0,)  # range shrink factors tried as starting points (1.0: min-max)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lp_norm <= 1:
+            raise ValueError(f"lp_norm={self.lp_norm} must be in (0, 1]")
+        if self.beta <= 0 or self.kappa < 1 or self.iters < 1:
+            raise ValueError(f"need beta > 0, kappa >= 1, iters >= 1; got {self.beta}, {self.kappa}, {self.iters}")
+
+
+def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """Proximal operator of ``|x|_p^p / beta`` (generalised soft-thresholding)."""
+    return torch.sign(x) * torch.relu(x.abs() - (1.0 / beta) * (x.abs() + 1e-8).pow(p - 1))
+
+
+def hqq(w: torch.Tensor, scheme: QuantScheme, cfg: HQQConfig = HQQConfig(), name: str = "weight") -> QuantizedWeight:
+    """Quantize ``w`` [N, K] asymmetrically with HQQ-optimised zero points."""
+    if scheme.symmetric:
+        raise ValueError(f"{name}: HQQ optimises the zero point; use symmetric: false")
+    scheme.check_shape(w.shape, name)
+    g = _grouped(w.float(), scheme)  # [N', G, gs]
+    qmax = float((1 << scheme.bits) - 1)  # unsigned grid [0, 2^b - 1] while solving
+    lo0, hi0 = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    best_err = best_zero = best_inv = None
+    for r in cfg.shrink:
+        lo, hi = lo0 * r, hi0 * r
+        inv = (qmax / (hi - lo)).clamp(max=2e4)  # 1 / scale, as the reference keeps it
+        zero = -lo * inv
+        beta = cfg.beta
+        for _ in range(cfg.iters):
+            q = torch.round(g * inv + zero).clamp(0, qmax)
+            rec = (q - zero) / inv
+            we = _shrink_lp(g - rec, beta, cfg.lp_norm)
+            err = (g - rec).abs().mean(-1, keepdim=True)  # per group: keep each group's best iterate
+            if best_err is None:
+                best_err, best_zero, best_inv = err, zero, inv.expand_as(zero)
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_zero = torch.where(better, zero, best_zero)
+                best_inv = torch.where(better, inv, best_inv)
+            zero = torch.mean(q - (g - we) * inv, dim=-1, keepdim=True)
+            beta *= cfg.kappa
+    scale = 1.0 / best_inv
+    zero = best_zero
+    if cfg.int_zero:
+        zero = torch.round(zero).clamp(0, qmax)
+        q = torch.round(g / scale + zero).clamp(0, qmax)
+        # least-squares scale for the fixed integers and zero point: s = <w, q - z> / |q - z|^2
+        d = q - zero
+        num, den = (g * d).sum(-1, keepdim=True), (d * d).sum(-1, keepdim=True)
+        scale = torch.where(den > 0, num / den.clamp(min=1e-12), scale).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(g / scale + zero).clamp(0, qmax)
+    off = float(1 << (scheme.bits - 1))  # unsigned -> the signed convention of QuantizedWeight
+    qdata = (q - off).to(torch.int8).reshape(w.shape)
+    zq = zero - off
+    shape = scale.shape[:2]  # [N', G]
+    scale = scale.reshape(shape)
+    zq = zq.reshape(shape).to(torch.int8) if cfg.int_zero else zq.reshape(shape)
+    if scheme.strategy == "tensor":
+        scale, zq = scale.reshape(1), zq.reshape(1)
+    return QuantizedWeight(qdata, scale.to(w.dtype), zq, scheme)
