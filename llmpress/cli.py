@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--n-windows", type=int, default=24)
     e.add_argument("--seqlen", type=int, default=1024)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--kv-cache", action="append", default=[], metavar="SPEC",
+                   help="also evaluate the model with its KV cache quantized: int8 | fp8, optionally -head "
+                        "(default) or -token; repeatable")
     e.add_argument("--json", help="write results as JSON to this file")
     e.add_argument("--trust-remote-code", action="store_true")
 
@@ -109,10 +112,14 @@ def _eval(a: argparse.Namespace) -> dict:
 
     model = lp.load(a.model, trust_remote_code=a.trust_remote_code)
     base = lp.load(a.base, trust_remote_code=a.trust_remote_code) if a.base else None
+    from llmpress.quant.kvcache import KVScheme
+
     models = {"model": model} if base is None else {"base": base, "model": model}
+    kv = {f"model+kv-{spec}": KVScheme.parse(spec) for spec in a.kv_cache}
+    models.update({k: model for k in kv})
     path = Path(a.model) if Path(a.model).is_dir() else None
-    ev = lp.evaluate_many(models, base, source=a.corpus, n_windows=a.n_windows, seqlen=a.seqlen,
-                          device=a.device, paths={"model": path} if path else None)
+    ev = lp.evaluate_many(models, base, source=a.corpus, n_windows=a.n_windows, seqlen=a.seqlen, device=a.device,
+                          paths={k: path for k in models if k != "base"} if path else None, kv_cache=kv)
     base_ppl = ev["base"].ppl if base is not None else None
     rows = [_row(k, v, base_ppl=base_ppl) for k, v in ev.items()]
     print(table(rows, [c for c in QUALITY_COLUMNS if c[0] not in ("seconds", "peak_rss_mb")]))

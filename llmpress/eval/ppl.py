@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from llmpress import data
 from llmpress.nn import COMPRESSED_LINEARS
+from llmpress.quant.kvcache import KVScheme, QuantizedKVCache
 
 
 @dataclass
@@ -55,8 +56,12 @@ def model_size(model: nn.Module, path: str | Path | None = None) -> tuple[float,
     return size / 1e6, (qbits / qn if qn else None), params
 
 
-def _window_logprobs(model: nn.Module, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    out = model(input_ids=ids[None].to(device), use_cache=False).logits[0, :-1]  # [L-1, V]
+def _window_logprobs(model: nn.Module, ids: torch.Tensor, device: torch.device, kv: KVScheme | None = None) -> torch.Tensor:
+    if kv is None:
+        out = model(input_ids=ids[None].to(device), use_cache=False).logits[0, :-1]  # [L-1, V]
+    else:  # attention reads keys/values rounded as they enter the cache, as in generation
+        cache = QuantizedKVCache(kv, config=model.config)
+        out = model(input_ids=ids[None].to(device), past_key_values=cache, use_cache=True).logits[0, :-1]
     return F.log_softmax(out.float(), dim=-1)
 
 
@@ -72,8 +77,12 @@ def evaluate_many(
     device: str | torch.device = "cpu",
     paths: dict[str, str | Path] | None = None,
     progress: bool = True,
+    kv_cache: dict[str, KVScheme] | None = None,
 ) -> dict[str, EvalResult]:
-    """Evaluate several models on the same windows; base log-probs are computed once a window."""
+    """Evaluate several models on the same windows; base log-probs are computed once a window.
+    ``kv_cache`` maps a model's key to a KV-cache quantization scheme applied while it runs
+    (the same model object may appear under several keys)."""
+    kv_cache = kv_cache or {}
     device = torch.device(device)
     first = next(iter(models.values()))
     tok = tokenizer or getattr(first, "llmpress_tokenizer", None) or getattr(base, "llmpress_tokenizer", None)
@@ -88,7 +97,8 @@ def evaluate_many(
         n_tok += tgt.numel()
         for k, m in models.items():
             t0 = time.perf_counter()
-            lp = b if m is base else _window_logprobs(m, w, device)  # the base row: reuse
+            kv = kv_cache.get(k)
+            lp = b if (m is base and kv is None) else _window_logprobs(m, w, device, kv)  # base row: reuse
             a = acc[k]
             a["nll"] += float(-lp.gather(1, tgt[:, None]).sum())
             if b is not None:

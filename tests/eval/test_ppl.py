@@ -29,3 +29,14 @@ def test_metrics_match_a_direct_computation(tokenizer, text_file):
     assert math.isclose(r.top1, agree / n)
     assert same.kl < 1e-6 and same.top1 == 1.0 and r.kl > 1e-4
     assert r.size_mb < same.size_mb and 3 < r.bits_per_weight < 4.5
+
+
+def test_kv_cache_quantization_in_eval(tokenizer, text_file):
+    from llmpress.quant.kvcache import KVScheme
+
+    base = tiny_model("llama", seed=0)
+    res = lp.evaluate_many({"base": base, "kv-int8": base, "kv-fp8": base}, base, tokenizer=tokenizer,
+                           source=str(text_file), seqlen=32, n_windows=2, progress=False,
+                           kv_cache={"kv-int8": KVScheme("int"), "kv-fp8": KVScheme("float")})
+    assert res["base"].kl < 1e-6
+    assert 0 < res["kv-int8"].kl < res["kv-fp8"].kl < 0.05  # int8 per head is finer than fp8's 3 mantissa bits
