@@ -112,6 +112,10 @@ def main() -> None:
     ap.add_argument("--peers", default=None)
     ap.add_argument("--out", default=str(ROOT / "out" / "methods"))
     ap.add_argument("--chunk", type=int, default=7, help="models evaluated per pass over the windows (memory)")
+    ap.add_argument("--tag", default="", help="suffix for the result file names (a partial re-run)")
+    ap.add_argument("--peer-quality-from", default=None,
+                    help="a peers JSON of an earlier run: reuse its peer ppl/KL (peer quantizers are deterministic) "
+                         "and re-measure only the peers' times")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,8 +146,13 @@ def main() -> None:
     peers = _peer_rows(Path(a.peers)) if a.peers else {}
 
     # evaluation, a chunk of models per pass over the windows (base log-probs once per pass)
-    todo = [(k, "ours") for k in rows] + [(k, "peer") for k, v in peers.items() if "error" not in v]
     results = {}
+    if a.peer_quality_from:
+        old = {r["name"]: r for r in json.loads(Path(a.peer_quality_from).read_text())["rows"] if r["tool"] != "llmpress"}
+        for k in peers:
+            if k in old:
+                results[k] = {x: old[k][x] for x in ("ppl", "kl", "top1", "size_mb")}
+    todo = [(k, "ours") for k in rows] + [(k, "peer") for k, v in peers.items() if "error" not in v and k not in results]
     for i in range(0, len(todo), a.chunk):
         chunk = todo[i : i + a.chunk]
         models, paths = {}, {}
@@ -165,7 +174,7 @@ def main() -> None:
     # KV-cache quantization on the base model: the same weights, keys/values rounded in the cache
     from llmpress.quant.kvcache import KVScheme
 
-    kv = {f"base+kv-{s}": KVScheme.parse(s) for s in ("int8", "int8-token", "fp8", "fp8-token")}
+    kv = {f"base+kv-{s}": KVScheme.parse(s) for s in (("int8", "int8-token", "fp8", "fp8-token") if not a.tag else ())}
     ev = lp.evaluate_many({"base": base, **{k: base for k in kv}}, base, tokenizer=tok, n_windows=a.n_windows,
                           progress=False, kv_cache=kv)
     base_ppl = ev["base"].ppl
@@ -177,7 +186,7 @@ def main() -> None:
 
     tf_check = {}
     for k in ("awq-gptq-w4-g64", "int8-w8a8-smoothquant-gptq", "fp8-w8a8-dynamic"):
-        if k in rows:
+        if k in rows and not a.tag:
             hf = AutoModelForCausalLM.from_pretrained(rows[k]["dir"], dtype=torch.float32)
             p = lp.evaluate(hf, tokenizer=tok, n_windows=a.n_windows, progress=False).ppl
             tf_check[k] = {"llmpress_ppl": results[k]["ppl"], "transformers_ppl": p,
@@ -191,7 +200,7 @@ def main() -> None:
                      "delta_ppl_pct": 100 * (results[k]["ppl"] / base_ppl - 1)})
     meta = {"model": "smollm2-135m", "protocol": f"wiki eval, {a.n_windows}x1024 tokens; calib 64x512 seed 0; fp32 CPU",
             "machine": machine, "date": time.strftime("%Y-%m-%d"), "base_ppl": base_ppl}
-    (ROOT / "bench" / "results" / "methods-smollm2-135m.json").write_text(
+    (ROOT / "bench" / "results" / f"methods-smollm2-135m{a.tag}.json").write_text(
         json.dumps({**meta, "rows": ours, "kv_cache_rows": kv_rows, "transformers_check": tf_check}, indent=2, default=str))
     cols = [("recipe", "recipe"), ("method", "method"), ("act", "activations"), ("ppl", "ppl"),
             ("delta_ppl_pct", "Δppl %"), ("kl", "KL"), ("top1", "top-1"), ("size_mb", "size MB"),
@@ -219,7 +228,7 @@ def main() -> None:
             prow.append({"tool": "llmpress", "version": lp.__version__ if hasattr(lp, "__version__") else "main",
                          "method": rows[k]["method"], "bits": rows[k]["bits"], "group_size": rows[k]["group_size"],
                          "name": k, "seconds": rows[k]["seconds"], "error": None, **results[k]})
-        (ROOT / "bench" / "results" / "peers-smollm2-135m.json").write_text(
+        (ROOT / "bench" / "results" / f"peers-smollm2-135m{a.tag}.json").write_text(
             json.dumps({**meta, "rows": prow}, indent=2, default=str))
         pc = [("tool", "tool"), ("name", "row"), ("ppl", "ppl"), ("kl", "KL"), ("top1", "top-1"),
               ("size_mb", "size MB"), ("seconds", "quantize s"), ("llmpress_row", "llmpress row"),

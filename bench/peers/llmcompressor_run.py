@@ -69,7 +69,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0],
-                    max_seq_length=calib.shape[1], pipeline="sequential" if method != "rtn" else "datafree")
+                    max_seq_length=calib.shape[1], pipeline="datafree" if method in ("rtn", "fp8") else "sequential")
             info["seconds"] = time.perf_counter() - t0
             model.save_pretrained(out / name, save_compressed=True)
             tok.save_pretrained(out / name)

@@ -10,6 +10,7 @@ result is a :class:`CodebookWeight`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -36,6 +37,12 @@ def code(quant_type: str) -> torch.Tensor:
 
 
 def dynamic_code(max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """A copy of :func:`_dynamic_code` (cached: it is built from Python lists)."""
+    return _dynamic_code(max_exponent_bits, total_bits).clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _dynamic_code(max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic code (Dettmers 2016, "8-bit approximations"):
     for each decimal exponent ``10^(i-6)``, ``2^i`` linearly spaced fractions in (0.1, 1]
     (midpoints of a linspace), both signs, plus 0 and 1; sorted, 256 values."""
