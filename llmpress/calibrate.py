@@ -27,7 +27,7 @@ from llmpress.models import (
     linear_weight,
     set_submodule,
 )
-from llmpress.nn import COMPRESSED_LINEARS, CodebookLinear, QuantLinear
+from llmpress.nn import CodebookLinear, CompressedLinear, QuantLinear
 from llmpress.quant.act import static_scale
 from llmpress.quant.awq import expand_scale, reduce_absmean, search_scale
 from llmpress.quant.gptq import gptq
@@ -167,7 +167,7 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, QuantStep]:
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     out: dict[str, QuantStep] = {}
     for name, mod in model.named_modules():
-        if not _is_linear(mod) or isinstance(mod, COMPRESSED_LINEARS):
+        if not _is_linear(mod) or isinstance(mod, CompressedLinear):
             continue
         hits = []
         for i, s in enumerate(recipe.steps):
@@ -283,10 +283,14 @@ def _block_stats(
 
     Linears that read the same tensor (q/k/v, gate/up) share one set of statistics; a short
     trace on the first batch finds them, and also the op producing each input for AWQ."""
-    wanted = {ln: needs(st) for ln, st in todo.items() if needs(st)}
+    wanted = {ln: ss for ln, st in todo.items() if (ss := needs(st))}
     if not wanted:
         return {}, {}
-    groups, ref = fold.trace(block, lambda: _run_block(block, inputs[0], calls[0]))
+
+    def first_batch() -> torch.Tensor:  # the float reference for tracing and for checking folds
+        return _run_block(block, inputs[0], calls[0])
+
+    groups, ref = fold.trace(block, first_batch)
     owner = {ln: g.linears[0] for g in groups for ln in g.linears}  # first reader holds the stats
     per_owner: dict[str, set[str]] = defaultdict(set)
     for ln, ss in wanted.items():
@@ -312,8 +316,7 @@ def _block_stats(
     awq = {ln for ln, st in todo.items() if st.awq}
     sq = {ln for ln, st in todo.items() if st.smoothquant is not None}
     if awq or sq:
-        extra = _scale_block(block, todo, mods, groups, shared, awq | sq, ref,
-                             lambda: _run_block(block, inputs[0], calls[0]))
+        extra = _scale_block(block, todo, mods, groups, shared, awq | sq, ref, first_batch)
     return {ln: shared[owner.get(ln, ln)] for ln in wanted}, extra
 
 
@@ -405,27 +408,24 @@ def _block_index(name: str, prefix: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def _describe(qw: QuantizedWeight | CodebookWeight, step: QuantStep) -> str:
-    d = qw.describe() if isinstance(qw, CodebookWeight) else qw.scheme.describe()
-    act = step.act_scheme()
-    return d if act is None else f"{d}, act {act.describe()}"
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _swap(model: nn.Module, name: str, mod: nn.Module, qw: QuantizedWeight | CodebookWeight, home: torch.device,
-          step: QuantStep | None = None, stats: dict | None = None) -> None:
+          step: QuantStep | None = None, stats: dict | None = None) -> CompressedLinear:
     bias = getattr(mod, "bias", None)
+    bias = None if bias is None else bias.detach().to(home)
     if isinstance(qw, CodebookWeight):
-        set_submodule(model, name, CodebookLinear(qw.to(home), None if bias is None else bias.detach().to(home)))
-        return
-    act = step.act_scheme() if step is not None else None
-    scale = None
-    if act is not None and not act.dynamic:
-        scale = static_scale(stats["absmax"].max(), act).to(home)
-    set_submodule(model, name, QuantLinear(qw.to(home), None if bias is None else bias.detach().to(home), act, scale))
+        new: CompressedLinear = CodebookLinear(qw.to(home), bias)
+    else:
+        act = step.act_scheme() if step is not None else None
+        scale = None
+        if act is not None and not act.dynamic:
+            scale = static_scale(stats["absmax"].max(), act).to(home)
+        new = QuantLinear(qw.to(home), bias, act, scale)
+    set_submodule(model, name, new)
+    return new
 
 
 def run(
@@ -478,15 +478,15 @@ def run(
             ts = time.perf_counter()
             mod = mods[ln]
             w = linear_weight(mod).detach()
-            st = {k: v for k, v in stats.get(ln, {}).items()}
+            st = stats.get(ln, {})
             qw = SOLVERS[step.method][0](w, st, step, bp + ln)
             qw.info.update(extra.get(ln, {}))
             deq = qw.dequantize(torch.float32)
             rel = float((deq - w.float()).norm() / w.float().norm().clamp(min=1e-12))
             if not torch.isfinite(deq).all():
                 raise FloatingPointError(f"{bp + ln}: compressed weight is not finite")
-            _swap(block, ln, mod, qw, device, step, st)
-            report.layers.append(dict(name=bp + ln, method=step.describe(), scheme=_describe(qw, step),
+            new = _swap(block, ln, mod, qw, device, step, st)
+            report.layers.append(dict(name=bp + ln, method=step.describe(), scheme=new.describe(),
                                       rel_err=rel, seconds=time.perf_counter() - ts, **qw.info))
         stats.clear()
         if i < last_calib_block:  # the next block sees this block's compressed outputs
@@ -500,8 +500,8 @@ def run(
         mod = model.get_submodule(name)
         w = linear_weight(mod).detach()
         qw = SOLVERS[step.method][0](w, {}, step, name)
-        _swap(model, name, mod, qw, home, step)
-        report.layers.append(dict(name=name, method=step.describe(), scheme=_describe(qw, step),
+        new = _swap(model, name, mod, qw, home, step)
+        report.layers.append(dict(name=name, method=step.describe(), scheme=new.describe(),
                                   rel_err=float((qw.dequantize() - w.float()).norm() / w.float().norm()), seconds=0.0))
         if getattr(model.config, "tie_word_embeddings", False) and name == "lm_head":
             model.config.tie_word_embeddings = False  # the head now has its own (quantized) weight

@@ -130,13 +130,13 @@ def _info(a: argparse.Namespace) -> dict:
     import llmpress as lp
     from llmpress.eval.ppl import model_size
     from llmpress.models import block_linears, find_blocks
-    from llmpress.nn import COMPRESSED_LINEARS
+    from llmpress.nn import CompressedLinear
 
     model = lp.load(a.model, trust_remote_code=a.trust_remote_code)
     name, blocks = find_blocks(model)
     lin = block_linears(blocks[0])
     size, bpw, params = model_size(model)
-    nq = sum(isinstance(m, COMPRESSED_LINEARS) for m in model.modules())
+    nq = sum(isinstance(m, CompressedLinear) for m in model.modules())
     print(f"model        {type(model).__name__} ({model.config.model_type})")
     print(f"parameters   {params / 1e6:.1f} M, {size:.1f} MB as stored")
     print(f"blocks       {len(blocks)} at '{name}'")

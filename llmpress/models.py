@@ -24,9 +24,9 @@ class UnsupportedModelError(ValueError):
 
 
 def _is_linear(m: nn.Module) -> bool:
-    from llmpress.nn import COMPRESSED_LINEARS
+    from llmpress.nn import CompressedLinear
 
-    return isinstance(m, (nn.Linear, *COMPRESSED_LINEARS)) or type(m).__name__ == "Conv1D"
+    return isinstance(m, (nn.Linear, CompressedLinear)) or type(m).__name__ == "Conv1D"
 
 
 def linear_weight(m: nn.Module) -> torch.Tensor:

@@ -12,24 +12,48 @@ from llmpress.quant.nf4 import CodebookWeight
 from llmpress.quant.primitives import QuantizedWeight, QuantScheme
 
 
-class QuantLinear(nn.Module):
-    """y = x W^T + b with W held as a :class:`QuantizedWeight` (int8 integers in buffers);
-    with ``act`` the input is quantized too (W8A8), using ``input_scale`` when static."""
+class CompressedLinear(nn.Module):
+    """y = x W^T + b with W held compressed; subclasses say how (``qweight``, ``weight``).
+    With ``act`` the input is quantized too (W8A8), using ``input_scale`` when static."""
+
+    def __init__(self, shape: torch.Size, bias: torch.Tensor | None, info: dict) -> None:
+        super().__init__()
+        self.act: ActScheme | None = None
+        self.register_buffer("input_scale", None)
+        self.out_features, self.in_features = shape
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.info = dict(info)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = fake_quant(x, self.act, self.input_scale)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}"
+
+
+class QuantLinear(CompressedLinear):
+    """W as a :class:`QuantizedWeight` (int8 integers or FP8 values in buffers)."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None,
                  act: ActScheme | None = None, input_scale: torch.Tensor | None = None) -> None:
-        super().__init__()
+        super().__init__(qw.shape, bias, qw.info)
         self.act = act
         if act is not None and not act.dynamic and input_scale is None:
             raise ValueError("a static activation scheme needs input_scale")
         self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().float().reshape(1))
         self.scheme: QuantScheme = qw.scheme
-        self.out_features, self.in_features = qw.shape
         self.register_buffer("qdata", qw.qdata)
         self.register_buffer("scale", qw.scale)
         self.register_buffer("zero", qw.zero)
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self.info = dict(qw.info)
 
     @property
     def qweight(self) -> QuantizedWeight:
@@ -40,30 +64,21 @@ class QuantLinear(nn.Module):
         """Dequantized [out, in] weight in the scale's dtype."""
         return self.qweight.dequantize(self.scale.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is not None:
-            x = fake_quant(x, self.act, self.input_scale)
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    def extra_repr(self) -> str:
-        a = "" if self.act is None else f", act {self.act.describe()}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}{a}"
+    def describe(self) -> str:
+        return self.scheme.describe() + ("" if self.act is None else f", act {self.act.describe()}")
 
 
-class CodebookLinear(nn.Module):
-    """y = x W^T + b with W held as a :class:`~llmpress.quant.nf4.CodebookWeight` (NF4 / FP4
-    code-book indices, absmax per block, optionally double-quantized absmax)."""
+class CodebookLinear(CompressedLinear):
+    """W as a :class:`~llmpress.quant.nf4.CodebookWeight` (NF4 / FP4 code-book indices, absmax
+    per block, optionally double-quantized absmax)."""
 
     def __init__(self, cw: CodebookWeight, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = cw.shape
+        super().__init__(cw.shape, bias, cw.info)
         self.quant_type, self.blocksize, self.offset = cw.quant_type, cw.blocksize, cw.offset
         self.blocksize2, self.dtype = cw.blocksize2, cw.dtype
         self.register_buffer("codes", cw.codes)
         self.register_buffer("absmax", cw.absmax)
         self.register_buffer("absmax2", cw.absmax2)
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self.info = dict(cw.info)
 
     @property
     def qweight(self) -> CodebookWeight:
@@ -74,11 +89,6 @@ class CodebookLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.qweight.dequantize()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+    def describe(self) -> str:
+        return self.qweight.describe()
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qweight.describe()}"
-
-
-COMPRESSED_LINEARS = (QuantLinear, CodebookLinear)

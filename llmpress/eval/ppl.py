@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress import data
-from llmpress.nn import COMPRESSED_LINEARS
+from llmpress.nn import CompressedLinear
 from llmpress.quant.kvcache import KVScheme, QuantizedKVCache
 
 
@@ -43,7 +43,7 @@ def model_size(model: nn.Module, path: str | Path | None = None) -> tuple[float,
     qbits = qn = 0
     params = 0
     for m in model.modules():
-        if isinstance(m, COMPRESSED_LINEARS):
+        if isinstance(m, CompressedLinear):
             n = m.out_features * m.in_features
             qbits += m.qweight.storage_bits()
             qn += n

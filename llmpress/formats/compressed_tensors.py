@@ -30,7 +30,7 @@ from torch import nn
 from llmpress.nn import QuantLinear
 from llmpress.quant.act import ActScheme
 from llmpress.quant.pack import pack_int32, unpack_int32
-from llmpress.quant.primitives import FP8, QuantizedWeight, QuantScheme
+from llmpress.quant.primitives import QuantizedWeight, QuantScheme
 from llmpress.recipe import match
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ def load_compressed(d: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         else:
             q = tensors.pop(f"{name}.weight")
             n, k = q.shape
-            q = q.to(FP8 if s.type == "float" else torch.int8)
+            q = q.to(s.qdtype)
         scale = scale.reshape(1) if s.strategy == "tensor" else scale.reshape(n, -1)
         zero = tensors.pop(f"{name}.weight_zero_point", None)
         if zero is not None and zero.is_floating_point():

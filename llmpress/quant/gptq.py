@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.quant.primitives import (
-    FP8,
     OBSERVERS,
     QuantizedWeight,
     QuantScheme,
@@ -113,7 +112,7 @@ def gptq(
         return out
     del H
 
-    Q = torch.zeros(n, k, dtype=FP8 if scheme.type == "float" else torch.int8, device=W.device)
+    Q = torch.zeros(n, k, dtype=scheme.qdtype, device=W.device)
     if not static:
         scale_all = torch.empty(n, k // gs, dtype=torch.float32, device=W.device)
         zero_all = None if scheme.symmetric else torch.empty(n, k // gs, dtype=torch.int8, device=W.device)

@@ -82,6 +82,11 @@ class QuantScheme:
             return f"fp8-e4m3 {g}"
         return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
 
+    @property
+    def qdtype(self) -> torch.dtype:
+        """dtype of the stored grid values: int8, or float8_e4m3fn for float schemes."""
+        return FP8 if self.type == "float" else torch.int8
+
     def round(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest grid point of ``x`` (already divided by the scale, zero point added), as float."""
         if self.type == "float":
@@ -232,7 +237,7 @@ class QuantizedWeight:
     info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        assert self.qdata.dtype == (FP8 if self.scheme.type == "float" else torch.int8), self.qdata.dtype
+        assert self.qdata.dtype == self.scheme.qdtype, self.qdata.dtype
         assert self.qdata.dim() == 2
         assert (self.zero is None) == self.scheme.symmetric
         assert self.zero is None or self.zero.dtype == torch.int8 or self.zero.is_floating_point()
