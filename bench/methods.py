@@ -48,11 +48,9 @@ ROWS: dict[str, tuple] = {
     "awq-w3-g64": ("w3a16-awq", {}),
     "gptq-w3-g64": ("w3a16-gptq", {}),
     "awq-gptq-w3-g64": ("w3a16-awq-gptq", {}),
-    "hqq-w4-g64": ("w4a16-hqq", {}),
-    "hqq-w4-g64-intzero": ("w4a16-hqq", {"float_zero": False}),
-    "hqq-w3-g64": ("w3a16-hqq", {}),
-    "hqq-w2-g64": ("w2a16-hqq", {}),
-    "hqq-w8-g64": ("w8a16-hqq", {}),
+    # HQQ with groups of input columns (rows "-in") and of output rows (HQQ's axis=0, "-out")
+    **{f"hqq-w{b}-g64-{x}": (f"w{b}a16-hqq", {"group_axis": int(x == "in")}) for b in (4, 3, 2, 8) for x in ("in", "out")},
+    "hqq-w4-g64-in-intzero": ("w4a16-hqq", {"float_zero": False, "group_axis": 1}),
     "nf4-b64-dq": ("nf4", {}),
     "fp4-b64-dq": ("fp4", {}),
     "fp8-w8a8-dynamic": ("w8a8-fp8", {}),
@@ -63,7 +61,8 @@ ROWS: dict[str, tuple] = {
 }
 # peer row -> the llmpress row doing the same method at the same bits and group size
 PAIRS = {
-    **{f"hqq-w{b}-g64-axis{x}": f"hqq-w{b}-g64" for b in (2, 3, 4, 8) for x in (0, 1)},
+    **{f"hqq-w{b}-g64-axis{x}": f"hqq-w{b}-g64-{'out' if x == 0 else 'in'}" for b in (2, 3, 4, 8) for x in (0, 1)},
+    "gptqmodel-gptq-w4-g64": "gptq-w4-g64", "gptqmodel-gptq-w3-g64": "gptq-w3-g64",
     "bnb-nf4-b64-dq": "nf4-b64-dq", "bnb-fp4-b64-dq": "fp4-b64-dq",
     "lc-rtn-w4-g64": "rtn-w4-g64", "lc-gptq-w4-g64": "gptq-w4-g64", "lc-gptq-w3-g64": "gptq-w3-g64",
     "lc-awq-w4-g64": "awq-w4-g64", "lc-smoothquant-gptq-w8a8": "int8-w8a8-smoothquant-gptq",
@@ -152,6 +151,9 @@ def main() -> None:
         for k in peers:
             if k in old:
                 results[k] = {x: old[k][x] for x in ("ppl", "kl", "top1", "size_mb")}
+    for k, v in peers.items():  # evaluated in the peer's own environment with llmpress.eval (bnb LLM.int8)
+        if v.get("evaluated_in_peer_env") and "error" not in v:
+            results[k] = {x: v[x] for x in ("ppl", "kl", "top1", "size_mb")}
     todo = [(k, "ours") for k in rows] + [(k, "peer") for k, v in peers.items() if "error" not in v and k not in results]
     for i in range(0, len(todo), a.chunk):
         chunk = todo[i : i + a.chunk]

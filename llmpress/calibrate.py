@@ -9,6 +9,7 @@ about one block, its statistics and the activations of one block boundary.
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import time
 from collections import defaultdict
@@ -189,7 +190,7 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, QuantStep]:
                 f"{name} is outside the decoder blocks, where {step.describe()} has no "
                 "calibration statistics; ignore it or use method 'rtn' for it through an override"
             )
-        if not torch.isfinite(w).all():
+        if not torch.isfinite(w.sum()) and not torch.isfinite(w).all():  # one cheap pass when finite
             raise ValueError(f"{name}: weight contains NaN or inf; refusing to compress a corrupted model")
         out[name] = step
     if not out:
@@ -483,7 +484,7 @@ def run(
             qw.info.update(extra.get(ln, {}))
             deq = qw.dequantize(torch.float32)
             rel = float((deq - w.float()).norm() / w.float().norm().clamp(min=1e-12))
-            if not torch.isfinite(deq).all():
+            if not math.isfinite(rel):  # w is finite (checked in plan): NaN/inf in deq shows here
                 raise FloatingPointError(f"{bp + ln}: compressed weight is not finite")
             new = _swap(block, ln, mod, qw, device, step, st)
             report.layers.append(dict(name=bp + ln, method=step.describe(), scheme=new.describe(),

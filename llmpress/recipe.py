@@ -57,6 +57,7 @@ class QuantStep:
     group_size: int | None = 128
     symmetric: bool = True
     strategy: str | None = None  # derived from group_size when None
+    group_axis: int = 1  # 1: groups along in_features; 0: along out_features (rtn/hqq; llmpress checkpoints only)
     observer: str = "minmax"  # minmax | mse (clipping search; importance-weighted in GPTQ)
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ("lm_head",)
@@ -100,6 +101,10 @@ class QuantStep:
                                   f"(bitsandbytes uses 64), got {self.group_size!r}")
         if not isinstance(self.double_quant, bool):
             raise RecipeError(f"double_quant={self.double_quant!r} is not allowed; allowed: true or false")
+        if self.group_axis == 0 and (self.method not in ("rtn", "hqq") or self.awq or self.smoothquant is not None
+                                     or self.act_bits is not None):
+            raise RecipeError("group_axis 0 (groups along the output dimension) is for weight-only 'rtn' or 'hqq' "
+                              "without awq/smoothquant; GPTQ and the activation-aware searches group input columns")
         if self.type == "float" and self.method == "hqq":
             raise RecipeError("method 'hqq' makes integer weights; use rtn or gptq for type float (FP8)")
         sq = self.smoothquant
@@ -155,7 +160,8 @@ class QuantStep:
         if not isinstance(self.symmetric, bool):
             raise RecipeError(f"symmetric={self.symmetric!r} is not allowed; allowed: true or false")
         try:
-            return QuantScheme(self.bits, self.symmetric, strategy, gs if strategy == "group" else None, self.type)
+            return QuantScheme(self.bits, self.symmetric, strategy, gs if strategy == "group" else None, self.type,
+                               self.group_axis)
         except ValueError as e:
             raise RecipeError(str(e)) from None
 
@@ -270,8 +276,9 @@ PRESETS: dict[str, dict] = {
     # HQQ: calibration-free half-quadratic zero-point optimisation (asymmetric)
     # with float zero points as the reference keeps them (float_zero: false for vLLM-loadable ones)
     "w4a16-hqq": dict(method="hqq", bits=4, symmetric=False, float_zero=True),
-    "w3a16-hqq": dict(method="hqq", bits=3, symmetric=False, float_zero=True),
-    "w2a16-hqq": dict(method="hqq", bits=2, symmetric=False, float_zero=True),
+    # 2-3 bits: groups of output rows (HQQ's axis=0) were far better on smollm2-135m (BENCHMARKS.md)
+    "w3a16-hqq": dict(method="hqq", bits=3, symmetric=False, float_zero=True, group_axis=0),
+    "w2a16-hqq": dict(method="hqq", bits=2, symmetric=False, float_zero=True, group_axis=0),
     "w8a16-hqq": dict(method="hqq", bits=8, symmetric=False, float_zero=True),
     # W8A8: 8-bit weights per channel and 8-bit activations per token (dynamic)
     "w8a8-fp8": dict(method="rtn", type="float", bits=8, group_size=-1, act_bits=8, act_type="float"),

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Peers in their own virtual environments (never llmpress dependencies), CPU torch pinned.
-#   .peers-venv: bitsandbytes (CPU NF4/FP4) + hqq;  .lc-venv: llmcompressor (+compressed-tensors, datasets)
+#   .peers-venv: bitsandbytes (CPU NF4/FP4, LLM.int8) + hqq;  .lc-venv: llmcompressor (+compressed-tensors,
+#   datasets);  .gm-venv: gptqmodel (7.5.0: the last release that accepts the pinned CPU torch 2.13;
+#   7.7 wants torch>=2.14.1)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TORCH="torch==2.13.0"
@@ -12,4 +14,7 @@ SRC=$([ -n "$(ls /opt/wheels/torch-2.13.0* 2>/dev/null)" ] && echo "--find-links
 [ -x .lc-venv/bin/python ] || { python3 -m venv .lc-venv
   .lc-venv/bin/pip install -q $TORCH $SRC
   .lc-venv/bin/pip install -q $TORCH llmcompressor==0.14.0.1; }
+[ -x .gm-venv/bin/python ] || { python3 -m venv .gm-venv
+  .gm-venv/bin/pip install -q $TORCH $SRC
+  BUILD_CUDA_EXT=0 .gm-venv/bin/pip install -q $TORCH gptqmodel==7.5.0; }
 echo "peer environments ready"

@@ -37,7 +37,11 @@ log = logging.getLogger(__name__)
 
 SHARD_BYTES = 4 * 2**30
 PACKED_ZP = ("group", "channel")
-FLOAT_ZERO_FORMAT = "llmpress-float-zero"  # HQQ float zero points: not a compressed-tensors format
+# Weights compressed-tensors cannot describe (HQQ float zero points, groups along the output
+# dimension) are stored like pack-quantized under this format name: llmpress reads them,
+# transformers and vLLM do not. "llmpress-float-zero" is the name earlier checkpoints used.
+LLMPRESS_FORMAT = "llmpress-quantized"
+LLMPRESS_FORMATS = (LLMPRESS_FORMAT, "llmpress-float-zero")
 
 
 class OutputExistsError(FileExistsError):
@@ -79,14 +83,15 @@ def _scheme_args(s: QuantScheme) -> dict:
         "num_bits": s.bits, "type": s.type, "symmetric": s.symmetric, "strategy": s.strategy,
         "group_size": s.group_size if s.strategy == "group" else None, "dynamic": False,
         "actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {},
-    }
+    } | ({"group_axis": 0} if s.group_axis == 0 else {})
 
 
 def _scheme_from_args(a: dict) -> QuantScheme:
     if a.get("type", "int") not in ("int", "float") or a.get("dynamic"):
         raise ValueError(f"unsupported compressed-tensors weight scheme {a}; llmpress reads static int and fp8 weights")
     strategy = a.get("strategy") or ("group" if a.get("group_size") else "channel")
-    return QuantScheme(int(a["num_bits"]), bool(a.get("symmetric", True)), strategy, a.get("group_size"), a.get("type", "int"))
+    return QuantScheme(int(a["num_bits"]), bool(a.get("symmetric", True)), strategy, a.get("group_size"),
+                       a.get("type", "int"), int(a.get("group_axis", 1)))
 
 
 def _act_from_args(a: dict | None) -> ActScheme | None:
@@ -100,8 +105,8 @@ def layer_format(q: QuantLinear) -> str:
     activations (W8A8) -> int-quantized; other integer weights -> pack-quantized."""
     if q.scheme.type == "float":
         return "float-quantized"
-    if q.zero is not None and q.zero.is_floating_point():
-        return FLOAT_ZERO_FORMAT
+    if (q.zero is not None and q.zero.is_floating_point()) or q.scheme.group_axis == 0:
+        return LLMPRESS_FORMAT
     if q.act is not None and q.scheme.bits == 8:
         return "int-quantized"
     return "pack-quantized"
@@ -122,8 +127,8 @@ def quantized_tensors(name: str, q: QuantLinear) -> dict[str, torch.Tensor]:
     if q.input_scale is not None:
         out[f"{name}.input_scale"] = q.input_scale.cpu()
     if q.zero is not None:
-        z = q.zero.cpu().reshape(q.out_features, -1) if s.strategy != "tensor" else q.zero.cpu()
-        packed = s.strategy in PACKED_ZP and not z.is_floating_point()
+        z = q.zero.cpu().reshape(q.scale.shape[0], -1) if s.strategy != "tensor" else q.zero.cpu()
+        packed = s.strategy in PACKED_ZP and layer_format(q) == "pack-quantized"
         out[f"{name}.weight_zero_point"] = pack_int32(z, s.bits, dim=0) if packed else z
     if q.bias is not None:
         out[f"{name}.bias"] = q.bias.detach().cpu()
@@ -163,9 +168,10 @@ def quantization_config(model: nn.Module) -> dict | None:
     config_groups = {}
     for i, ((scheme, fmt, act), names) in enumerate(sorted(groups.items(), key=lambda kv: -len(kv[1]))):
         targets = ["Linear"] if len(groups) == 1 else sorted(names)
-        if fmt == FLOAT_ZERO_FORMAT:
-            log.warning("%d layers have float zero points (HQQ with float_zero): llmpress reads this "
-                        "checkpoint, transformers and vLLM do not; use float_zero: false for them", len(names))
+        if fmt == LLMPRESS_FORMAT:
+            log.warning("%d layers have float zero points (HQQ float_zero) or output-axis groups (group_axis 0): "
+                        "llmpress reads this checkpoint, transformers and vLLM do not; use float_zero: false and "
+                        "group_axis 1 for them", len(names))
         config_groups[f"group_{i}"] = {
             "targets": targets, "weights": _scheme_args(scheme),
             "input_activations": None if act is None else act.ct_args(), "output_activations": None,
@@ -253,7 +259,7 @@ def load_compressed(d: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     d = Path(d)
     cfg_d = json.loads((d / "config.json").read_text())
     qc = cfg_d.get("quantization_config") or {}
-    readable = ("pack-quantized", "int-quantized", "float-quantized", FLOAT_ZERO_FORMAT)
+    readable = ("pack-quantized", "int-quantized", "float-quantized", *LLMPRESS_FORMATS)
     groups = [(g["targets"], _scheme_from_args(g["weights"]), _act_from_args(g.get("input_activations")),
                g.get("format") or qc.get("format")) for g in qc.get("config_groups", {}).values()]
     for *_, fmt in groups:
@@ -281,7 +287,7 @@ def load_compressed(d: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
             q = tensors.pop(f"{name}.weight")
             n, k = q.shape
             q = q.to(s.qdtype)
-        scale = scale.reshape(1) if s.strategy == "tensor" else scale.reshape(n, -1)
+        scale = scale.reshape(1) if s.strategy == "tensor" else scale.reshape(k if s.group_axis == 0 else n, -1)
         zero = tensors.pop(f"{name}.weight_zero_point", None)
         if zero is not None and zero.is_floating_point():
             zero = zero.reshape(scale.shape)

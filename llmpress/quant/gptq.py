@@ -76,6 +76,8 @@ def gptq(
     Falls back to round-to-nearest (with a warning) only if H stays singular after every
     dampening retry; never returns NaN or inf.
     """
+    if scheme.group_axis != 1:
+        raise ValueError(f"{name}: GPTQ quantizes input columns in order; it needs group_axis 1, got {scheme.group_axis}")
     scheme.check_shape(w.shape, name)
     n, k = w.shape
     if h.shape != (k, k):

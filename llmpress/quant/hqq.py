@@ -5,7 +5,10 @@ Minimises ``||W - (Q - z) s||_p^p`` with ``p < 1`` (a sparsity-promoting norm th
 few weights rounding cannot fit) by half-quadratic splitting: an auxiliary error ``W_e`` is
 updated by the generalised soft-threshold of the ``l_p`` norm, then the zero point by its
 closed form, with the penalty ``beta`` growing by ``kappa`` each step. The scale stays the
-min-max one, as in the reference solver. Pure function on tensors, vectorised over groups.
+min-max one, as in the reference solver, which also stops at the first step that does not
+lower the weight's mean absolute error (kept here, with the best zero rather than the next one).
+Groups run along the input dimension or, with ``group_axis`` 0, along the output dimension
+(the reference's ``axis=0``). Pure function on tensors, vectorised over groups.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmpress.quant.primitives import QuantizedWeight, QuantScheme, _grouped
+from llmpress.quant.primitives import QuantizedWeight, QuantScheme, _grouped, _ungrouped
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class HQQConfig:
     iters: int = 20
     int_zero: bool = True
     shrink: tuple[float, ...] = (1.0,)  # range shrink factors tried as starting points (1.0: min-max)
+    early_stop: bool = True  # stop at the first step that does not lower the tensor's mean |error| (the
+    # reference's default), keeping the best zero; False runs every step and keeps each group's best
 
     def __post_init__(self) -> None:
         if not 0 < self.lp_norm <= 1:
@@ -42,6 +47,32 @@ def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return torch.sign(x) * torch.relu(x.abs() - (1.0 / beta) * (x.abs() + 1e-8).pow(p - 1))
 
 
+def _solve_zero(g: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: float, cfg: HQQConfig) -> torch.Tensor:
+    """Half-quadratic iterations on the zero point of every group of ``g`` [N', G, gs]."""
+    beta = cfg.beta
+    best = float("inf")
+    best_err = best_zero = None
+    for _ in range(cfg.iters):
+        q = torch.round(g * inv + zero).clamp(0, qmax)
+        rec = (q - zero) / inv
+        if cfg.early_stop:  # the reference: stop when the tensor's mean |error| stops falling
+            err = float((g - rec).abs().mean())
+            if not err < best:
+                break
+            best, best_zero = err, zero
+        else:  # keep each group's best iterate
+            err = (g - rec).abs().mean(-1, keepdim=True)
+            if best_err is None:
+                best_err, best_zero = err, zero
+            else:
+                better = err < best_err
+                best_err, best_zero = torch.where(better, err, best_err), torch.where(better, zero, best_zero)
+        we = _shrink_lp(g - rec, beta, cfg.lp_norm)
+        zero = torch.mean(q - (g - we) * inv, dim=-1, keepdim=True)
+        beta *= cfg.kappa
+    return zero if best_zero is None else best_zero
+
+
 def hqq(w: torch.Tensor, scheme: QuantScheme, cfg: HQQConfig = HQQConfig(), name: str = "weight") -> QuantizedWeight:
     """Quantize ``w`` [N, K] asymmetrically with HQQ-optimised zero points."""
     if scheme.symmetric:
@@ -53,23 +84,16 @@ def hqq(w: torch.Tensor, scheme: QuantScheme, cfg: HQQConfig = HQQConfig(), name
     best_err = best_zero = best_inv = None
     for r in cfg.shrink:
         lo, hi = lo0 * r, hi0 * r
-        inv = (qmax / (hi - lo)).clamp(max=2e4)  # 1 / scale, as the reference keeps it
-        zero = -lo * inv
-        beta = cfg.beta
-        for _ in range(cfg.iters):
-            q = torch.round(g * inv + zero).clamp(0, qmax)
-            rec = (q - zero) / inv
-            we = _shrink_lp(g - rec, beta, cfg.lp_norm)
-            err = (g - rec).abs().mean(-1, keepdim=True)  # per group: keep each group's best iterate
-            if best_err is None:
-                best_err, best_zero, best_inv = err, zero, inv.expand_as(zero)
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_zero = torch.where(better, zero, best_zero)
-                best_inv = torch.where(better, inv, best_inv)
-            zero = torch.mean(q - (g - we) * inv, dim=-1, keepdim=True)
-            beta *= cfg.kappa
+        inv = (qmax / (hi - lo)).clamp(max=2e4)  # 1 / scale, as the reference keeps it (a flat group: 2e4)
+        zero = _solve_zero(g, inv, -lo * inv, qmax, cfg)
+        err = ((torch.round(g * inv + zero).clamp(0, qmax) - zero) / inv - g).abs().mean(-1, keepdim=True)
+        if best_err is None:
+            best_err, best_zero, best_inv = err, zero, inv.expand_as(zero)
+        else:  # per group, the shrink factor with the lowest error
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_zero = torch.where(better, zero, best_zero)
+            best_inv = torch.where(better, inv, best_inv)
     scale = 1.0 / best_inv
     zero = best_zero
     if cfg.int_zero:
@@ -81,7 +105,7 @@ def hqq(w: torch.Tensor, scheme: QuantScheme, cfg: HQQConfig = HQQConfig(), name
         scale = torch.where(den > 0, num / den.clamp(min=1e-12), scale).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round(g / scale + zero).clamp(0, qmax)
     off = float(1 << (scheme.bits - 1))  # unsigned -> the signed convention of QuantizedWeight
-    qdata = (q - off).to(torch.int8).reshape(w.shape)
+    qdata = _ungrouped((q - off).to(torch.int8), w.shape, scheme)
     zq = zero - off
     shape = scale.shape[:2]  # [N', G]
     scale = scale.reshape(shape)

@@ -73,15 +73,21 @@ def _blockwise(a: torch.Tensor, cb: torch.Tensor, blocksize: int) -> tuple[torch
         scaled = torch.cat([scaled, torch.clamp(a[full:] / am, -1, 1)])
     order = torch.argsort(cb)
     srt = cb[order]
-    idx = torch.bucketize(scaled, (srt[:-1] + srt[1:]) / 2)  # nearest; a midpoint goes down
-    return order[idx].to(torch.uint8), absmax
+    idx = torch.bucketize(scaled, (srt[:-1] + srt[1:]) / 2, out_int32=True)  # nearest; a midpoint goes down
+    if torch.equal(order, torch.arange(len(cb))):  # a sorted code book (NF4, the dynamic code)
+        return idx.to(torch.uint8), absmax
+    return order.to(torch.uint8)[idx], absmax
 
 
 def _deblockwise(idx: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, blocksize: int) -> torch.Tensor:
-    v = cb[idx.reshape(-1).long()]
+    v = cb[idx.reshape(-1).int()]
     n = v.numel()
-    per = absmax.repeat_interleave(blocksize)[:n]
-    return v * per
+    full = n - n % blocksize
+    out = torch.empty_like(v)
+    torch.mul(v[:full].view(-1, blocksize), absmax[: full // blocksize, None], out=out[:full].view(-1, blocksize))
+    if full < n:
+        out[full:] = v[full:] * absmax[-1]
+    return out
 
 
 @dataclass

@@ -25,7 +25,10 @@ class QuantScheme:
 
     ``strategy`` is ``"tensor"`` (one scale), ``"channel"`` (one per output row) or
     ``"group"`` (one per ``group_size`` consecutive input columns of each row). ``type`` is
-    ``"int"`` (affine integers) or ``"float"`` (FP8 E4M3: 8 bits, symmetric).
+    ``"int"`` (affine integers) or ``"float"`` (FP8 E4M3: 8 bits, symmetric). ``group_axis``
+    1 groups along the input dimension (what compressed-tensors, GPTQ and the kernels use); 0
+    groups ``group_size`` consecutive output rows of each input column (HQQ's ``axis=0``; scales
+    are then [in, out / group_size]; llmpress checkpoints only).
     """
 
     bits: int = 4
@@ -33,8 +36,13 @@ class QuantScheme:
     strategy: str = "group"
     group_size: int | None = 128
     type: str = "int"
+    group_axis: int = 1
 
     def __post_init__(self) -> None:
+        if self.group_axis not in (0, 1) or isinstance(self.group_axis, bool):
+            raise ValueError(f"group_axis={self.group_axis!r} is not allowed; allowed: 1 (input dim) or 0 (output dim)")
+        if self.group_axis == 0 and (self.strategy != "group" or self.type != "int"):
+            raise ValueError("group_axis 0 applies to integer weights with strategy 'group'")
         if self.type not in TYPES:
             raise ValueError(f"type={self.type!r} is not supported; allowed: {TYPES}")
         if self.type == "float" and (self.bits != 8 or not self.symmetric):
@@ -68,16 +76,18 @@ class QuantScheme:
         """Raise a ValueError naming the layer when the scheme cannot tile ``shape``."""
         if len(shape) != 2:
             raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(shape)}")
-        k = int(shape[1])
+        k = int(shape[1 if self.group_axis == 1 else 0])
+        dim = "in_features" if self.group_axis == 1 else "out_features"
         if self.strategy == "group" and k % self.group_size != 0:
             hint = largest_pow2_divisor(k)
             raise ValueError(
-                f"group_size={self.group_size} must divide in_features={k} of {name}; "
+                f"group_size={self.group_size} must divide {dim}={k} of {name}; "
                 f"use a divisor (e.g. {hint}), group_size -1 (per channel), or a per-layer override"
             )
 
     def describe(self) -> str:
         g = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.strategy, f"g{self.group_size}")
+        g += "-out" if self.group_axis == 0 else ""
         if self.type == "float":
             return f"fp8-e4m3 {g}"
         return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
@@ -102,13 +112,23 @@ def largest_pow2_divisor(k: int, cap: int = 128) -> int:
 
 
 def _grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """View ``w`` [N, K] as [N, G, K/G] (G groups per row) for the scheme's granularity."""
+    """View ``w`` [N, K] as [N, G, K/G] (G groups per row) for the scheme's granularity; with
+    ``group_axis`` 0 as [K, N/gs, gs] (groups of output rows per input column)."""
     n, k = w.shape
+    if scheme.group_axis == 0:
+        return w.t().contiguous().reshape(k, n // scheme.group_size, scheme.group_size)
     if scheme.strategy == "group":
         return w.reshape(n, k // scheme.group_size, scheme.group_size)  # [N, K] -> [N, G, gs]
     if scheme.strategy == "channel":
         return w.reshape(n, 1, k)  # [N, K] -> [N, 1, K]
     return w.reshape(1, 1, n * k)  # [N, K] -> [1, 1, N*K]
+
+
+def _ungrouped(g: torch.Tensor, shape: torch.Size | tuple[int, int], scheme: QuantScheme) -> torch.Tensor:
+    """The inverse of :func:`_grouped`: back to [N, K] (contiguous)."""
+    if scheme.group_axis == 0:
+        return g.reshape(shape[1], shape[0]).t().contiguous()
+    return g.reshape(shape)
 
 
 def compute_qparams(
@@ -142,6 +162,8 @@ def compute_qparams(
     if observer == "minmax":
         return _flatten_tensor_params(*_minmax(lo0, hi0, scheme), scheme)
     imp = hb = None
+    if hessian is not None and scheme.group_axis == 0:
+        raise ValueError("activation-aware clipping (hessian) needs groups along the input dimension (group_axis 1)")
     if hessian is not None and scheme.strategy != "tensor":
         k, gs = w.shape[1], g.shape[-1]
         hb = torch.stack([hessian[i : i + gs, i : i + gs] for i in range(0, k, gs)]).float()  # [G, gs, gs]
@@ -203,7 +225,7 @@ def quantize(
     q = torch.round(q)
     if zero is not None:
         q += _per_group(zero, g)
-    return q.clamp_(scheme.qmin, scheme.qmax).to(torch.int8).reshape(w.shape)
+    return _ungrouped(q.clamp_(scheme.qmin, scheme.qmax).to(torch.int8), w.shape, scheme)
 
 
 def dequantize(
@@ -218,14 +240,15 @@ def dequantize(
     if zero is not None:
         g -= _per_group(zero, g)
     g *= _per_group(scale, g)
-    return g.reshape(q.shape).to(dtype)
+    return _ungrouped(g, q.shape, scheme).to(dtype)
 
 
 @dataclass
 class QuantizedWeight:
     """A weight matrix on an integer grid: the one object solvers return and writers read.
 
-    qdata: int8 [out, in] signed integers; scale: [out, G] (or [1]) in the model dtype;
+    qdata: int8 [out, in] signed integers; scale: [out, G] (or [1]; [in, out / gs] with
+    ``scheme.group_axis`` 0) in the model dtype;
     zero: int8 like ``scale``, a float zero point (HQQ without integer rounding), or None
     (symmetric).
     """
