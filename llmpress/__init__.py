@@ -66,6 +66,21 @@ def compress(
     return report
 
 
+def export(model: nn.Module, out: str | os.PathLike, format: str = "gguf:q8_0", *, overwrite: bool = False) -> dict:
+    """Write ``model`` where it is served: ``gguf:TYPE`` (llama.cpp; TYPE one of f32, f16, bf16,
+    q8_0, q4_0, q4_1, q5_0, q5_1) or ``compressed-tensors`` (transformers, vLLM). Returns a
+    summary of what was written."""
+    kind, _, arg = format.partition(":")
+    if kind == "gguf":
+        from llmpress.formats.gguf import save_gguf
+
+        return save_gguf(model, out, arg or "q8_0", overwrite=overwrite)
+    if kind == "compressed-tensors" and not arg:
+        return {"file": str(save(model, out, overwrite=overwrite)), "type": "compressed-tensors"}
+    raise ValueError(f"unknown export format {format!r}; allowed: gguf:<type> (e.g. gguf:q8_0, gguf:q4_0), "
+                     "compressed-tensors")
+
+
 def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save atomically as a compressed-tensors checkpoint (transformers + vLLM load it), or in
     bitsandbytes' layout for NF4 / FP4 models (transformers loads it with bitsandbytes)."""
@@ -77,4 +92,9 @@ def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False) -
     r = getattr(model, "llmpress_recipe", None)
     if r is not None:
         extra["llmpress_recipe.json"] = json.dumps(r.to_dict(), indent=2)
+    from llmpress.formats.gguf import tokenizer_hints
+
+    hints = tokenizer_hints(model)
+    if hints:
+        extra["llmpress_gguf.json"] = json.dumps(hints, indent=2)
     return compressed_tensors.save(model, out, overwrite=overwrite, extra_files=extra, layout=layout_for(model))

@@ -1,4 +1,4 @@
-"""Command line: ``llmpress compress | eval | info``. Parsing and printing only."""
+"""Command line: ``llmpress compress | eval | export | info``. Parsing and printing only."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   llmpress compress smollm2-135m --recipe w4a16-gptq --group-size 64 -o out/w4 --eval
   llmpress compress ./my-llama --recipe my-recipe.yaml -o out/custom --device cuda
   llmpress eval out/w4 --base smollm2-135m --json eval.json
+  llmpress export out/w4 --format gguf:q8_0 -o out/w4-q8_0.gguf
   llmpress info smollm2-135m
 
 presets: w8a16, w4a16-rtn, w3a16-rtn, w4a16-gptq, w3a16-gptq, w8a16-gptq (group size 128
@@ -61,6 +62,16 @@ def _parser() -> argparse.ArgumentParser:
                         "(default) or -token; repeatable")
     e.add_argument("--json", help="write results as JSON to this file")
     e.add_argument("--trust-remote-code", action="store_true")
+
+    x = sub.add_parser("export", help="write a model for a serving engine: GGUF (llama.cpp) or compressed-tensors",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("model")
+    x.add_argument("-f", "--format", default="gguf:q8_0",
+                   help="gguf:TYPE (f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1) or compressed-tensors (default gguf:q8_0)")
+    x.add_argument("-o", "--output", required=True, help="output file (.gguf) or directory (compressed-tensors)")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--json", help="write the export summary as JSON to this file")
+    x.add_argument("--trust-remote-code", action="store_true")
 
     i = sub.add_parser("info", help="architecture, blocks, linear layers and quantization of a model")
     i.add_argument("model")
@@ -126,6 +137,23 @@ def _eval(a: argparse.Namespace) -> dict:
     return {"model": a.model, "base": a.base, "rows": rows}
 
 
+def _export(a: argparse.Namespace) -> dict:
+    import llmpress as lp
+
+    kind = a.format.partition(":")[0]
+    if kind not in ("gguf", "compressed-tensors"):  # before loading the model
+        raise ValueError(f"unknown export format {a.format!r}; allowed: gguf:<type>, compressed-tensors")
+    out = Path(a.output)
+    if out.exists() and not a.overwrite and (out.is_file() or any(out.iterdir())):
+        raise FileExistsError(f"output {out} exists; pass --overwrite to replace it")
+    model = lp.load(a.model, trust_remote_code=a.trust_remote_code)
+    s = lp.export(model, out, a.format, overwrite=a.overwrite)
+    fb = s.get("fallback") or {}
+    print(f"wrote {s['file']} ({s['type']}" + (f", {s['size_mb']:.1f} MB" if "size_mb" in s else "") + ")"
+          + (f"; {len(fb)} tensors fell back: " + ", ".join(f"{k} {v}" for k, v in fb.items()) if fb else ""))
+    return s
+
+
 def _info(a: argparse.Namespace) -> dict:
     import llmpress as lp
     from llmpress.eval.ppl import model_size
@@ -160,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     t0 = time.perf_counter()
     try:
-        result = {"compress": _compress, "eval": _eval, "info": _info}[a.cmd](a)
+        result = {"compress": _compress, "eval": _eval, "export": _export, "info": _info}[a.cmd](a)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as ex:
         print(f"llmpress {a.cmd}: error: {ex}", file=sys.stderr)
         return 2

@@ -93,7 +93,9 @@ def load(
     from transformers import AutoModelForCausalLM
 
     src = str(source)
+    gguf_src = None
     if src in assets.MODELS:
+        gguf_src = str(assets.model_gguf(src))
         src = str(assets.model_path(src))
     p = Path(src)
     if p.is_file():
@@ -106,6 +108,7 @@ def load(
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         _attach_tokenizer(model, str(p.parent), gguf_file=p.name)
+        gguf_src = str(p)
     elif p.is_dir():
         if not (p / "config.json").exists():
             raise FileNotFoundError(f"{p} has no config.json; is it a Hugging Face model directory?")
@@ -160,4 +163,8 @@ def load(
         )
     model.eval()
     model.llmpress_source = src
+    if gguf_src is not None:
+        model.llmpress_gguf_source = gguf_src  # the GGUF writer copies its tokenizer fields
+    elif p.is_dir() and (p / "llmpress_gguf.json").exists():
+        model.llmpress_gguf_tokenizer = json.loads((p / "llmpress_gguf.json").read_text())
     return model.to(device)

@@ -68,3 +68,24 @@ def test_issue_thresholds_full_protocol(base):
     assert inc["gptq4"] <= 0.6 * inc["rtn4"], inc
     assert inc["gptq3"] <= 0.5 * inc["rtn3"], inc
     assert abs(inc["rtn8"]) / b < 0.005, inc
+
+
+def test_gguf_export_q8_0_real_model(base, tmp_path):
+    """smollm2-135m -> our Q8_0 GGUF: the tokenizer fields are the source GGUF's, transformers'
+    GGUF reader loads it, and perplexity stays within 0.5% of the fp32 model."""
+    import gguf
+
+    from llmpress.formats.gguf import save_gguf
+
+    s = save_gguf(base, tmp_path / "m.gguf", "q8_0")
+    assert not s["fallback"] and s["tensors"]["token_embd.weight"] == "q8_0"
+    src, ours = gguf.GGUFReader(assets.model_gguf("smollm2-135m")), gguf.GGUFReader(tmp_path / "m.gguf")
+    for k in ("tokenizer.ggml.pre", "tokenizer.ggml.model", "tokenizer.ggml.bos_token_id", "tokenizer.chat_template",
+              "llama.rope.freq_base", "llama.attention.head_count_kv", "llama.context_length"):
+        assert ours.fields[k].contents() == src.fields[k].contents(), k
+    assert ours.fields["tokenizer.ggml.tokens"].contents() == src.fields["tokenizer.ggml.tokens"].contents()
+    assert {t.name for t in ours.tensors} == {t.name for t in src.tensors}
+    q8 = lp.load(tmp_path / "m.gguf")
+    r = lp.evaluate_many({"q8": q8}, base, n_windows=2, progress=False)["q8"]
+    b = lp.evaluate(base, n_windows=2, progress=False)
+    assert abs(r.ppl / b.ppl - 1) < 0.005 and r.top1 > 0.97

@@ -1,0 +1,247 @@
+"""GGUF writer for llama.cpp: Llama-family (Llama, Mistral, SmolLM) and Qwen2 models.
+
+The layout follows llama.cpp's ``convert_hf_to_gguf.py``: GGUF tensor names from the ``gguf``
+package's name map, the query/key rows of Llama-architecture attention permuted to GGML's
+rotary layout, 1-D tensors (norms, biases) in F32, every 2-D weight in the requested type
+(token embeddings included; a tied ``lm_head`` is not written), rows that do not tile into the
+type's blocks fall back to F16 (reported). The tokenizer is copied field by field from the GGUF
+the model came from when there is one (the built-in assets), or built from the Hugging Face
+``tokenizer.json`` (byte-level BPE, llama.cpp's ``gpt2`` tokenizer model) otherwise.
+
+Compressed layers (``QuantLinear``, ``CodebookLinear``) are dequantized and rounded again onto
+the GGML grid. Writes atomically (a temporary file renamed into place). Readers: llama.cpp,
+``gguf.GGUFReader``, and transformers' GGUF loader (``llmpress.load("x.gguf")``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmpress.quant import ggml
+
+log = logging.getLogger(__name__)
+
+# transformers model_type -> GGUF architecture name
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# llama.cpp's general.file_type (enum llama_ftype) per requested type
+FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
+
+
+class GGUFExportError(ValueError):
+    """The model or the request cannot be written as GGUF (architecture, type, tokenizer)."""
+
+
+def _ggml_type(name: str):
+    import gguf
+
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16}.get(name) or getattr(gguf.GGMLQuantizationType, name.upper())
+
+
+def _permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF's rotate-half query/key rows -> GGML's interleaved pairs (convert_hf_to_gguf's permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of ``model`` under its Hugging Face name, compressed linears dequantized
+    to float32; a tied ``lm_head`` left out."""
+    from llmpress.nn import CompressedLinear
+
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for mname, mod in model.named_modules():
+        pre = f"{mname}." if mname else ""
+        if isinstance(mod, CompressedLinear):
+            out[f"{pre}weight"] = mod.weight.detach().float()
+            if mod.bias is not None:
+                out[f"{pre}bias"] = mod.bias.detach().float()
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) in seen:  # tied weights (lm_head = embed_tokens): written once
+                continue
+            seen.add(id(p))
+            out[f"{pre}{pname}"] = p.detach().float()
+    return out
+
+
+def _source_gguf(model: nn.Module) -> Path | None:
+    p = getattr(model, "llmpress_gguf_source", None)
+    return Path(p) if p and Path(p).is_file() else None
+
+
+def tokenizer_hints(model: nn.Module) -> dict:
+    """What a rebuilt tokenizer cannot recover from tokenizer.json: llama.cpp's pre-tokenizer
+    name, from the GGUF the model came from (kept with checkpoints saved by llmpress)."""
+    src = _source_gguf(model)
+    if src is not None:
+        import gguf
+
+        f = gguf.GGUFReader(src).fields.get("tokenizer.ggml.pre")
+        return {"pre": f.contents()} if f is not None else {}
+    return dict(getattr(model, "llmpress_gguf_tokenizer", None) or {})
+
+
+def _copy_tokenizer(w, src: Path) -> None:
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    for key, f in r.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        main = f.types[0]
+        val = f.contents()
+        if main == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, val, main, sub_type=f.types[-1])
+        else:
+            w.add_key_value(key, val, main)
+
+
+def _bpe_tokenizer(w, tok, vocab_size: int, pre: str | None = None) -> None:
+    """llama.cpp's ``gpt2`` (byte-level BPE) tokenizer fields from a Hugging Face fast tokenizer."""
+    import gguf
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise GGUFExportError("GGUF export needs a fast (tokenizer.json) tokenizer or a source GGUF to copy it from")
+    tj = json.loads(backend.to_str())
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise GGUFExportError(f"tokenizer model {model.get('type')!r} is not supported for GGUF export yet "
+                              "(byte-level BPE only); export from the source GGUF instead")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in tj.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    n = max(vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [gguf.TokenType.UNUSED] * n
+    for t, i in vocab.items():
+        tokens[i] = t
+        a = added.get(t)
+        types[i] = (gguf.TokenType.CONTROL if a and a.get("special") else gguf.TokenType.USER_DEFINED if a
+                    else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre or "default")
+    if not pre:
+        log.warning("GGUF tokenizer: pre-tokenizer type set to 'default' (llama.cpp identifies it by a hash "
+                    "of sample tokenizations in its converter); check tokenization in llama.cpp")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for kind in ("bos", "eos", "unk", "pad"):
+        tid = getattr(tok, f"{kind}_token_id", None)
+        if tid is not None:
+            getattr(w, f"add_{kind}_token_id")(int(tid))
+    if getattr(tok, "chat_template", None):
+        w.add_chat_template(tok.chat_template)
+
+
+def _rope_theta(cfg) -> float:
+    rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kind = rp.get("rope_type", rp.get("type", "default")) if isinstance(rp, dict) else "default"
+    if kind not in ("default", None):
+        raise GGUFExportError(f"rope scaling {kind!r} is not supported by the GGUF writer yet")
+    theta = rp.get("rope_theta") if isinstance(rp, dict) else None
+    return float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
+
+
+def save_gguf(model: nn.Module, out: str | os.PathLike, qtype: str = "q8_0", *, overwrite: bool = False,
+              name: str | None = None) -> dict:
+    """Write ``model`` as a GGUF file with 2-D weights in ``qtype``; returns a summary
+    (tensor types, fallbacks, size)."""
+    import gguf
+
+    qtype = qtype.lower()
+    if qtype not in FILE_TYPE:
+        raise GGUFExportError(f"GGUF type {qtype!r} is not supported; allowed: {sorted(FILE_TYPE)}")
+    cfg = model.config
+    arch = ARCHS.get(cfg.model_type)
+    if arch is None:
+        raise GGUFExportError(f"GGUF export supports {sorted(ARCHS)} models; got model_type {cfg.model_type!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    src = getattr(model, "llmpress_source", None)
+    if src is not None and out.resolve() == Path(src).resolve():
+        raise GGUFExportError(f"refusing to overwrite the input model {src}")
+
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    n_blocks = cfg.num_hidden_layers
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, n_blocks)
+    tensors = float_tensors(model)
+    if getattr(cfg, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    summary: dict = {"file": str(out), "type": qtype, "tensors": {}, "fallback": {}}
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_name(name or getattr(cfg, "_name_or_path", "") or "llmpress model")
+        w.add_context_length(int(cfg.max_position_embeddings))
+        w.add_embedding_length(int(cfg.hidden_size))
+        w.add_block_count(int(n_blocks))
+        w.add_feed_forward_length(int(cfg.intermediate_size))
+        w.add_head_count(int(n_head))
+        w.add_head_count_kv(int(n_kv))
+        w.add_rope_freq_base(_rope_theta(cfg))
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        w.add_vocab_size(int(cfg.vocab_size))
+        w.add_rope_dimension_count(int(head_dim))
+        if head_dim != cfg.hidden_size // n_head:
+            w.add_key_length(int(head_dim))
+            w.add_value_length(int(head_dim))
+        w.add_file_type(FILE_TYPE[qtype])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        gsrc = _source_gguf(model)
+        if gsrc is not None:
+            _copy_tokenizer(w, gsrc)
+        else:
+            tok = getattr(model, "llmpress_tokenizer", None)
+            if tok is None:
+                raise GGUFExportError("the model has no tokenizer attached (model.llmpress_tokenizer)")
+            _bpe_tokenizer(w, tok, int(cfg.vocab_size), tokenizer_hints(model).get("pre"))
+
+        for hf_name, t in tensors.items():
+            gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise GGUFExportError(f"no GGUF tensor name for {hf_name} ({arch})")
+            if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                t = _permute_rope(t, n_head)
+            elif arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                t = _permute_rope(t, n_kv)
+            tt = qtype if t.dim() == 2 else "f32"
+            if tt not in ("f32", "f16", "bf16") and not ggml.fits(t.shape[-1], tt):
+                summary["fallback"][gname] = f"{tt} -> f16 (row length {t.shape[-1]})"
+                tt = "f16"
+            if tt == "f32":
+                w.add_tensor(gname, t.contiguous().numpy())
+            elif tt == "f16":
+                w.add_tensor(gname, t.to(torch.float16).contiguous().numpy())
+            else:  # bytes [rows, row bytes]; the writer derives the element shape from the type
+                w.add_tensor(gname, ggml.quantize_rows(t, tt).numpy(), raw_dtype=_ggml_type(tt))
+            summary["tensors"][gname] = tt
+        for g, why in summary["fallback"].items():
+            log.warning("GGUF: %s stored as %s", g, why)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    summary["size_mb"] = out.stat().st_size / 1e6
+    log.info("wrote %s (%s, %.1f MB)", out, qtype, summary["size_mb"])
+    return summary
