@@ -28,7 +28,10 @@ from llmpress.models import (
     linear_weight,
     set_submodule,
 )
-from llmpress.nn import CodebookLinear, CompressedLinear, QuantLinear
+from llmpress.lowrank.svd import LowRankWeight, asvd, rank_for, svd
+from llmpress.nn import CodebookLinear, CompressedLinear, LowRankLinear, QuantLinear
+from llmpress.prune.masks import SparseWeight, magnitude, wanda
+from llmpress.prune.sparsegpt import SparseGPTConfig, sparsegpt
 from llmpress.quant.act import static_scale
 from llmpress.quant.awq import expand_scale, reduce_absmean, search_scale
 from llmpress.quant.gptq import gptq
@@ -42,7 +45,17 @@ from llmpress.quant.primitives import (
 )
 from llmpress.quant.rtn import rtn
 from llmpress.quant.smoothquant import smooth_scale
-from llmpress.recipe import QuantStep, Recipe, RecipeError
+from llmpress.recipe import (
+    MODEL_STEPS,
+    DropBlocksStep,
+    LowRankStep,
+    PruneStep,
+    QuantStep,
+    Recipe,
+    RecipeError,
+    ShrinkStep,
+    Step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +68,7 @@ def _solve_rtn(w: torch.Tensor, stats: dict, step: QuantStep, name: str) -> Quan
 
 
 def _solve_gptq(w: torch.Tensor, stats: dict, step: QuantStep, name: str) -> QuantizedWeight:
-    return gptq(w, stats["hessian"], step.scheme(), step.gptq_config(), name=name)
+    return gptq(w, stats["hessian"], step.scheme(), step.gptq_config(), name=name, mask=stats.get("mask"))
 
 
 def _solve_hqq(w: torch.Tensor, stats: dict, step: QuantStep, name: str) -> QuantizedWeight:
@@ -66,12 +79,40 @@ def _solve_codebook(w: torch.Tensor, stats: dict, step: QuantStep, name: str) ->
     return quantize_4bit(w, step.method, step.group_size, step.double_quant, name=name)
 
 
-SOLVERS: dict[str, tuple[Callable[..., QuantizedWeight | CodebookWeight], tuple[str, ...]]] = {
+def _solve_magnitude(w: torch.Tensor, stats: dict, step: PruneStep, name: str) -> SparseWeight:
+    return magnitude(w, step.pattern_())
+
+
+def _solve_wanda(w: torch.Tensor, stats: dict, step: PruneStep, name: str) -> SparseWeight:
+    return wanda(w, stats["sqnorm"], step.pattern_())
+
+
+def _solve_sparsegpt(w: torch.Tensor, stats: dict, step: PruneStep, name: str) -> SparseWeight | QuantizedWeight:
+    joint = stats.get("joint")  # the quantization step solved in the same sweep
+    return sparsegpt(w, stats["hessian"], step.pattern_(), SparseGPTConfig(step.damp, step.block_size),
+                     scheme=None if joint is None else joint.scheme(), name=name)
+
+
+def _solve_svd(w: torch.Tensor, stats: dict, step: LowRankStep, name: str) -> LowRankWeight:
+    return svd(w, rank_for(w.shape, step.ratio))
+
+
+def _solve_asvd(w: torch.Tensor, stats: dict, step: LowRankStep, name: str) -> LowRankWeight:
+    return asvd(w, stats["hessian"], rank_for(w.shape, step.ratio), step.damp, name=name)
+
+
+Weight = QuantizedWeight | CodebookWeight | SparseWeight | LowRankWeight
+SOLVERS: dict[str, tuple[Callable[..., Weight], tuple[str, ...]]] = {
     "rtn": (_solve_rtn, ()),
     "gptq": (_solve_gptq, ("hessian",)),
     "hqq": (_solve_hqq, ()),
     "nf4": (_solve_codebook, ()),
     "fp4": (_solve_codebook, ()),
+    "magnitude": (_solve_magnitude, ()),
+    "wanda": (_solve_wanda, ("sqnorm",)),
+    "sparsegpt": (_solve_sparsegpt, ("hessian",)),
+    "svd": (_solve_svd, ()),
+    "asvd": (_solve_asvd, ("hessian",)),
 }
 
 
@@ -105,6 +146,23 @@ class _AbsMeanStat:
         x = x.reshape(-1, x.shape[-1]).float()  # [B, S, K] -> [B*S, K]
         m = x.shape[0]
         self.s.mul_(self.n / (self.n + m)).add_(x.abs().sum(0), alpha=1.0 / (self.n + m))
+        self.n += m
+
+    def result(self) -> torch.Tensor:
+        return self.s
+
+
+class _SqNormStat:
+    """Running mean of ``x^2`` per input channel (Wanda's squared activation norms)."""
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.s = torch.zeros(k, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [B, S, K] -> [B*S, K]
+        m = x.shape[0]
+        self.s.mul_(self.n / (self.n + m)).add_(x.pow(2).sum(0), alpha=1.0 / (self.n + m))
         self.n += m
 
     def result(self) -> torch.Tensor:
@@ -145,11 +203,14 @@ class _SampleStat:
         return torch.cat(self.rows)
 
 
-STATS = {"hessian": _HessianStat, "absmean": _AbsMeanStat, "absmax": _AbsMaxStat, "xsample": _SampleStat}
+STATS = {"hessian": _HessianStat, "absmean": _AbsMeanStat, "absmax": _AbsMaxStat, "xsample": _SampleStat,
+         "sqnorm": _SqNormStat}
 
 
-def needs(step: QuantStep) -> tuple[str, ...]:
+def needs(step: Step) -> tuple[str, ...]:
     """The statistics a step's layers need from the calibration pass."""
+    if isinstance(step, (PruneStep, LowRankStep)):
+        return SOLVERS[step.method][1]
     extra: tuple[str, ...] = ("hessian", "absmean") if step.awq else ()
     if step.smoothquant is not None:
         extra += ("absmax",) + (("xsample",) if step.smoothquant == "auto" else ())
@@ -161,12 +222,13 @@ def needs(step: QuantStep) -> tuple[str, ...]:
 
 # --- planning ------------------------------------------------------------------------------
 
-def plan(model: nn.Module, recipe: Recipe) -> dict[str, QuantStep]:
-    """Resolve every linear layer to the (override-merged) step that compresses it, and check
-    everything that can fail before any work starts."""
+def plan(model: nn.Module, recipe: Recipe) -> dict[str, tuple[Step, ...]]:
+    """Resolve every linear layer to the (override-merged) steps that compress it, in recipe
+    order (at most one pruning step, then at most one quantization step), and check everything
+    that can fail before any work starts."""
     _, blocks = find_blocks(model)
     in_blocks = {id(m) for b in blocks for m in b.modules()}
-    out: dict[str, QuantStep] = {}
+    out: dict[str, tuple[Step, ...]] = {}
     for name, mod in model.named_modules():
         if not _is_linear(mod) or isinstance(mod, CompressedLinear):
             continue
@@ -177,22 +239,43 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, QuantStep]:
             )
             if r is not None:
                 hits.append((i, r))
-        if len(hits) > 1:
-            raise RecipeError(f"{name} is targeted by steps {[i for i, _ in hits]}; add it to all but one step's ignore")
         if not hits:
             continue
-        step = hits[0][1]
+        kinds = [type(r).__name__ for _, r in hits]
+        if len(hits) > 2 or len(set(kinds)) < len(kinds):
+            raise RecipeError(f"{name} is targeted by steps {[i for i, _ in hits]}; a layer takes at most one "
+                              "pruning step and one quantization step: add it to the others' ignore")
+        if len(hits) == 2 and any(isinstance(r, LowRankStep) for _, r in hits):
+            raise RecipeError(f"{name}: a low-rank layer cannot also be pruned or quantized in this version; "
+                              "target different layers with each step")
+        if isinstance(hits[0][1], QuantStep) and len(hits) == 2:
+            raise RecipeError(f"{name}: step {hits[1][0]} prunes after step {hits[0][0]} quantized; put the "
+                              "pruning step first (quantization keeps the mask)")
+        steps = tuple(r for _, r in hits)
         w = linear_weight(mod)
-        if step.method not in ("nf4", "fp4"):  # code books flatten the weight: any shape fits
-            step.scheme().check_shape(w.shape, name)
-        if needs(step) and id(mod) not in in_blocks:
-            raise RecipeError(
-                f"{name} is outside the decoder blocks, where {step.describe()} has no "
-                "calibration statistics; ignore it or use method 'rtn' for it through an override"
-            )
+        for step in steps:
+            if isinstance(step, PruneStep):
+                try:
+                    step.pattern_().check_shape(w.shape, name)
+                except ValueError as e:
+                    raise RecipeError(str(e)) from None
+                if step.joint:
+                    q = steps[-1] if isinstance(steps[-1], QuantStep) else None
+                    if q is None or q.method != "gptq" or q.awq or q.act_bits is not None or q.type != "int":
+                        raise RecipeError(f"{name}: joint sparsegpt needs a following plain 'gptq' step on the same "
+                                          "layer (integer weights, no awq/activation quantization)")
+            elif isinstance(step, LowRankStep):
+                pass
+            elif step.method not in ("nf4", "fp4"):  # code books flatten the weight: any shape fits
+                step.scheme().check_shape(w.shape, name)
+            if needs(step) and id(mod) not in in_blocks:
+                raise RecipeError(
+                    f"{name} is outside the decoder blocks, where {step.describe()} has no "
+                    "calibration statistics; ignore it or use a calibration-free method for it through an override"
+                )
         if not torch.isfinite(w.sum()) and not torch.isfinite(w).all():  # one cheap pass when finite
             raise ValueError(f"{name}: weight contains NaN or inf; refusing to compress a corrupted model")
-        out[name] = step
+        out[name] = steps
     if not out:
         raise RecipeError(f"recipe {recipe.name!r} matches no linear layer of {type(model).__name__}; check targets/ignore")
     return out
@@ -275,18 +358,32 @@ def _run_block(block: nn.Module, x: torch.Tensor, call: tuple) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _block_stats(
-    block: nn.Module, todo: dict[str, QuantStep], mods: dict[str, nn.Module],
-    inputs: list[torch.Tensor], calls: list[tuple], device: torch.device,
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict]]:
-    """Run the block over the calibration inputs once with hooks and return each layer's
-    statistics (after any AWQ scale folding), plus per-layer notes for the report.
+@dataclass
+class _BlockStats:
+    """One block's statistics, shared by the linears that read the same tensor (q/k/v, gate/up:
+    the first reader, ``owner``, holds them), the traced groups and the block's float output
+    on the first batch."""
 
-    Linears that read the same tensor (q/k/v, gate/up) share one set of statistics; a short
-    trace on the first batch finds them, and also the op producing each input for AWQ."""
-    wanted = {ln: ss for ln, st in todo.items() if (ss := needs(st))}
+    shared: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)
+    groups: list = field(default_factory=list)
+    ref: torch.Tensor | None = None
+    first_batch: Callable[[], torch.Tensor] | None = None
+
+    def of(self, ln: str) -> dict[str, torch.Tensor]:
+        return self.shared.get(self.owner.get(ln, ln), {})
+
+
+def _block_stats(
+    block: nn.Module, todo: dict[str, tuple[Step, ...]], mods: dict[str, nn.Module],
+    inputs: list[torch.Tensor], calls: list[tuple], device: torch.device,
+) -> _BlockStats:
+    """Run the block over the calibration inputs once with hooks and collect every statistic
+    any step of the block's layers needs. A short trace on the first batch finds the linears
+    sharing an input (one set of statistics each) and the op producing it (for scale folds)."""
+    wanted = {ln: ss for ln, steps in todo.items() if (ss := tuple(x for st in steps for x in needs(st)))}
     if not wanted:
-        return {}, {}
+        return _BlockStats()
 
     def first_batch() -> torch.Tensor:  # the float reference for tracing and for checking folds
         return _run_block(block, inputs[0], calls[0])
@@ -313,12 +410,7 @@ def _block_stats(
         for h in hooks:
             h.remove()
     shared = {own: {s: c.result() for s, c in col.items()} for own, col in collectors.items()}
-    extra: dict[str, dict] = {}
-    awq = {ln for ln, st in todo.items() if st.awq}
-    sq = {ln for ln, st in todo.items() if st.smoothquant is not None}
-    if awq or sq:
-        extra = _scale_block(block, todo, mods, groups, shared, awq | sq, ref, first_batch)
-    return {ln: shared[owner.get(ln, ln)] for ln in wanted}, extra
+    return _BlockStats(shared, owner, groups, ref, first_batch)
 
 
 def _fake_quant(step: QuantStep) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -396,6 +488,7 @@ class CompressionReport:
     peak_gpu_mb: float | None = None
     calib_tokens: int = 0
     device: str = "cpu"
+    structure: list[dict] = field(default_factory=list)  # model-level edits (blocks removed)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -419,6 +512,8 @@ def _swap(model: nn.Module, name: str, mod: nn.Module, qw: QuantizedWeight | Cod
     bias = None if bias is None else bias.detach().to(home)
     if isinstance(qw, CodebookWeight):
         new: CompressedLinear = CodebookLinear(qw.to(home), bias)
+    elif isinstance(qw, LowRankWeight):
+        new = LowRankLinear(qw.to(home), bias)
     else:
         act = step.act_scheme() if step is not None else None
         scale = None
@@ -427,6 +522,110 @@ def _swap(model: nn.Module, name: str, mod: nn.Module, qw: QuantizedWeight | Cod
         new = QuantLinear(qw.to(home), bias, act, scale)
     set_submodule(model, name, new)
     return new
+
+
+def _record(report: CompressionReport, name: str, step: Step, w: torch.Tensor, cw: Weight, desc: str,
+            t0: float, method: str | None = None) -> None:
+    deq = cw.dequantize(torch.float32)
+    rel = float((deq - w.float()).norm() / w.float().norm().clamp(min=1e-12))
+    if not math.isfinite(rel):  # w is finite (checked in plan): NaN/inf in deq shows here
+        raise FloatingPointError(f"{name}: compressed weight is not finite")
+    report.layers.append(dict(name=name, method=method or step.describe(), scheme=desc, rel_err=rel,
+                              seconds=time.perf_counter() - t0, **cw.info))
+
+
+def _compress_block(block: nn.Module, bp: str, todo: dict[str, tuple[Step, ...]], mods: dict[str, nn.Module],
+                    bs: _BlockStats, device: torch.device, report: CompressionReport) -> None:
+    """Pruning steps first (weights zeroed in place, masks kept), then scale folds (AWQ /
+    SmoothQuant, checked against the pruned block's output), then quantization keeping the masks."""
+    masks: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+    for ln, steps in todo.items():
+        step = steps[0]
+        if isinstance(step, LowRankStep):
+            ts = time.perf_counter()
+            w = linear_weight(mods[ln]).detach()
+            lw = SOLVERS[step.method][0](w, dict(bs.of(ln)), step, bp + ln)
+            new = _swap(block, ln, mods[ln], lw, device)
+            _record(report, bp + ln, step, w, lw, new.describe(), ts)
+            done.add(ln)
+            continue
+        if not isinstance(step, PruneStep):
+            continue
+        ts = time.perf_counter()
+        mod = mods[ln]
+        w = linear_weight(mod).detach()
+        st = dict(bs.of(ln))
+        if step.joint:
+            st["joint"] = steps[1]
+        cw = SOLVERS[step.method][0](w, st, step, bp + ln)
+        if isinstance(cw, SparseWeight):
+            cw.info.setdefault("sparsity", float(1 - cw.mask.float().mean()))
+            _record(report, bp + ln, step, w, cw, cw.describe(), ts)
+            with torch.no_grad():
+                w.copy_(cw.weight.to(w.dtype))  # in place (a view of Conv1D's transposed weight)
+            masks[ln] = cw.mask
+        else:  # joint sparse + quantized solve: the quantization step is done too
+            new = _swap(block, ln, mod, cw, device, steps[1])
+            _record(report, bp + ln, step, w, cw, new.describe(), ts, f"{step.describe()}+{steps[1].describe()}")
+            done.add(ln)
+    quant = {ln: steps[-1] for ln, steps in todo.items() if isinstance(steps[-1], QuantStep) and ln not in done}
+    extra: dict[str, dict] = {}
+    scaled = {ln for ln, st in quant.items() if st.awq or st.smoothquant is not None}
+    if scaled:
+        ref = bs.ref
+        if masks:  # folds must keep the pruned block's output
+            with torch.inference_mode():
+                ref = bs.first_batch()
+        extra = _scale_block(block, quant, mods, bs.groups, bs.shared, scaled, ref, bs.first_batch)
+    for ln, step in quant.items():
+        ts = time.perf_counter()
+        mod = mods[ln]
+        w = linear_weight(mod).detach()
+        st = dict(bs.of(ln))
+        if ln in masks:
+            st["mask"] = masks[ln]
+        qw = SOLVERS[step.method][0](w, st, step, bp + ln)
+        qw.info.update(extra.get(ln, {}))
+        if ln in masks:
+            qw.info["sparsity"] = float((qw.dequantize(torch.float32) == 0).float().mean())
+        new = _swap(block, ln, mod, qw, device, step, st)
+        _record(report, bp + ln, step, w, qw, new.describe(), ts)
+
+
+def _drop(model: nn.Module, st: DropBlocksStep | ShrinkStep, tokens: torch.Tensor | None, batch_size: int,
+          progress: bool, report: CompressionReport) -> None:
+    from llmpress.prune.structured import _heads, channel_scores, choose_blocks, drop_blocks, shrink
+
+    if isinstance(st, ShrinkStep):
+        if tokens is None:
+            raise ValueError(f"{st.describe()} measures channel importance on calibration data; pass calib=")
+        cfg = model.config
+        h, kv, _ = _heads(cfg)
+        if st.kv_groups is not None and st.kv_groups >= kv:
+            raise RecipeError(f"kv_groups={st.kv_groups} would remove all {kv} key/value head groups; at most {kv - 1}")
+        inter = getattr(cfg, "intermediate_size", None)
+        if st.mlp is not None and not isinstance(inter, int):
+            raise RecipeError(f"{type(model).__name__} has no config.intermediate_size; MLP shrinking supports "
+                              "Llama-style gated MLPs")
+        ts = time.perf_counter()
+        mlp_s, head_s = channel_scores(model, tokens, batch_size, progress)
+        keep = None if st.mlp is None else max(1, round(inter * (1 - st.mlp)))
+        info = shrink(model, keep, None if st.kv_groups is None else kv - st.kv_groups, mlp_s, head_s)
+        report.structure.append(dict(step=st.describe(), removed=[], intermediate_size=getattr(cfg, "intermediate_size", None),
+                                     heads=(cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None)),
+                                     seconds=time.perf_counter() - ts, **info))
+        return
+
+    n = len(find_blocks(model)[1])
+    k = st.count(n)
+    if st.importance != "last" and tokens is None:
+        raise ValueError(f"{st.describe()} measures block importance on calibration data; pass calib=")
+    ts = time.perf_counter()
+    idx, info = choose_blocks(model, k, st.importance, tokens, batch_size, progress)
+    drop_blocks(model, idx)
+    report.structure.append(dict(step=st.describe(), removed=idx, blocks_before=n, blocks_after=n - k,
+                                 seconds=time.perf_counter() - ts, **info))
 
 
 def run(
@@ -441,6 +640,19 @@ def run(
     """Compress ``model`` in place following ``recipe``; ``tokens`` [n, seqlen] are the
     calibration samples (needed only when a planned method needs statistics)."""
     t0 = time.perf_counter()
+    report = CompressionReport(recipe.name)
+    shaping = [s for s in recipe.steps if isinstance(s, MODEL_STEPS)]
+    per_layer = tuple(s for s in recipe.steps if not isinstance(s, MODEL_STEPS))
+    layer_recipe = Recipe(per_layer, recipe.name) if per_layer else None
+    if layer_recipe is not None and not shaping:
+        plan(model, layer_recipe)  # fail on a bad recipe before any work
+    for st in shaping:
+        _drop(model, st, tokens, batch_size, progress, report)
+    if layer_recipe is None:
+        report.seconds = time.perf_counter() - t0
+        report.peak_rss_mb = peak_rss_mb()
+        return report
+    recipe = layer_recipe
     layers = plan(model, recipe)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
@@ -448,13 +660,13 @@ def run(
         torch.cuda.reset_peak_memory_stats(device)
     blocks_name, blocks = find_blocks(model)
     prefix = blocks_name + "." if blocks_name else ""
-    by_block: dict[int | None, dict[str, QuantStep]] = defaultdict(dict)  # None: outside blocks
+    by_block: dict[int | None, dict[str, tuple[Step, ...]]] = defaultdict(dict)  # None: outside blocks
     for n, s in layers.items():
         by_block[_block_index(n, prefix)][n] = s
-    calib_methods = sorted({s.describe() for s in layers.values() if needs(s)})
+    calib_methods = sorted({st.describe() for ss in layers.values() for st in ss if needs(st)})
     last_calib_block = max((i for i, ls in by_block.items() if i is not None
-                            and any(needs(s) for s in ls.values())), default=-1)
-    report = CompressionReport(recipe.name, device=str(device))
+                            and any(needs(st) for ss in ls.values() for st in ss)), default=-1)
+    report.device = str(device)
 
     inputs: list[torch.Tensor] = []
     calls: list[list[tuple]] = []
@@ -474,22 +686,9 @@ def run(
         bar.set_postfix_str(f"{len(todo)} layers", refresh=False)
         block.to(device)
         mods = block_linears(block)
-        stats, extra = _block_stats(block, todo, mods, inputs, calls[i] if calls else [], device)
-        for ln, step in todo.items():
-            ts = time.perf_counter()
-            mod = mods[ln]
-            w = linear_weight(mod).detach()
-            st = stats.get(ln, {})
-            qw = SOLVERS[step.method][0](w, st, step, bp + ln)
-            qw.info.update(extra.get(ln, {}))
-            deq = qw.dequantize(torch.float32)
-            rel = float((deq - w.float()).norm() / w.float().norm().clamp(min=1e-12))
-            if not math.isfinite(rel):  # w is finite (checked in plan): NaN/inf in deq shows here
-                raise FloatingPointError(f"{bp + ln}: compressed weight is not finite")
-            new = _swap(block, ln, mod, qw, device, step, st)
-            report.layers.append(dict(name=bp + ln, method=step.describe(), scheme=new.describe(),
-                                      rel_err=rel, seconds=time.perf_counter() - ts, **qw.info))
-        stats.clear()
+        bs = _block_stats(block, todo, mods, inputs, calls[i] if calls else [], device)
+        _compress_block(block, bp, todo, mods, bs, device, report)
+        bs.shared.clear()
         if i < last_calib_block:  # the next block sees this block's compressed outputs
             with torch.inference_mode():
                 for j, call in enumerate(calls[i]):
@@ -497,15 +696,13 @@ def run(
         block.to(home)
     bar.close()
 
-    for name, step in by_block.get(None, {}).items():  # outside the blocks: calibration-free methods
+    for name, steps in by_block.get(None, {}).items():  # outside the blocks: calibration-free methods
         mod = model.get_submodule(name)
-        w = linear_weight(mod).detach()
-        qw = SOLVERS[step.method][0](w, {}, step, name)
-        new = _swap(model, name, mod, qw, home, step)
-        report.layers.append(dict(name=name, method=step.describe(), scheme=new.describe(),
-                                  rel_err=float((qw.dequantize() - w.float()).norm() / w.float().norm()), seconds=0.0))
         if getattr(model.config, "tie_word_embeddings", False) and name == "lm_head":
-            model.config.tie_word_embeddings = False  # the head now has its own (quantized) weight
+            model.config.tie_word_embeddings = False  # the head gets its own (compressed) weight
+            if isinstance(steps[0], PruneStep):  # pruning works in place: keep the embedding intact
+                mod.weight = nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
+        _compress_block(model, "", {name: steps}, {name: mod}, _BlockStats(), home, report)
 
     report.seconds = time.perf_counter() - t0
     report.peak_rss_mb = peak_rss_mb()

@@ -98,6 +98,11 @@ def _compress(a: argparse.Namespace) -> dict:
     model = lp.load(a.model, trust_remote_code=a.trust_remote_code)
     calib = lp.data.calibration(a.calib, a.n_samples, a.seqlen)
     rep = lp.compress(model, r, calib, device=a.device, batch_size=a.batch_size)
+    for s in rep.structure:
+        if "blocks_before" in s:
+            print(f"{s['step']}: removed blocks {s['removed']} ({s['blocks_before']} -> {s['blocks_after']} blocks)")
+        else:
+            print(f"{s['step']}: intermediate size {s['intermediate_size']}, heads (q, kv) {s['heads']}")
     lp.save(model, out, overwrite=a.overwrite)
     log.info("compressed %d layers in %.1f s (peak RSS %.0f MB) -> %s", len(rep.layers), rep.seconds, rep.peak_rss_mb, out)
     result = {"recipe": r.to_dict(), "output": str(out), "compression": rep.to_dict()}

@@ -122,7 +122,7 @@ def load(
                 "in a trusted environment"
             )
         qc = cfg.get("quantization_config") or {}
-        if qc.get("quant_method") == "compressed-tensors":
+        if qc.get("quant_method") == "compressed-tensors" or cfg.get("llmpress_lowrank"):
             from llmpress.formats.compressed_tensors import load_compressed
 
             model = load_compressed(p, dtype=dtype, trust_remote_code=trust_remote_code)

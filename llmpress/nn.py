@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmpress.lowrank.svd import LowRankWeight
 from llmpress.quant.act import ActScheme, fake_quant
 from llmpress.quant.nf4 import CodebookWeight
 from llmpress.quant.primitives import QuantizedWeight, QuantScheme
@@ -92,3 +93,32 @@ class CodebookLinear(CompressedLinear):
     def describe(self) -> str:
         return self.qweight.describe()
 
+
+
+class LowRankLinear(CompressedLinear):
+    """W = A @ B held as its two factors (``a`` [out, r], ``b`` [r, in]); the forward runs the
+    two thin matmuls, so compute drops with the rank as well as storage."""
+
+    def __init__(self, lw: LowRankWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__(lw.shape, bias, lw.info)
+        self.a = nn.Parameter(lw.a.detach().contiguous(), requires_grad=False)
+        self.b = nn.Parameter(lw.b.detach().contiguous(), requires_grad=False)
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def qweight(self) -> LowRankWeight:
+        return LowRankWeight(self.a.data, self.b.data, self.info)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.a @ self.b
+
+    def describe(self) -> str:
+        return f"rank {self.rank}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(F.linear(x, self.b.to(x.dtype)), self.a.to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(x.dtype)

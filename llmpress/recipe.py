@@ -34,6 +34,8 @@ from llmpress.quant.gptq import GPTQConfig
 from llmpress.quant.primitives import OBSERVERS, STRATEGIES, QuantScheme
 
 METHODS = ("rtn", "gptq", "hqq", "nf4", "fp4")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+LOWRANK_METHODS = ("svd", "asvd")
 ALIASES = {"awq": dict(method="rtn", awq=True)}  # shorthand method names
 
 
@@ -48,8 +50,62 @@ def match(target: str, name: str, cls_name: str) -> bool:
     return target == name or target == cls_name
 
 
+class _Targeted:
+    """What every step shares: which modules it applies to, and per-module overrides."""
+
+    def with_override(self, o: dict) -> Any:
+        kw = {k: v for k, v in o.items() if k not in ("pattern", "skip")}
+        if "group_size" in kw and "strategy" not in kw:
+            kw["strategy"] = None
+        return dataclasses.replace(self, overrides=(), **kw)
+
+    def resolve(self, name: str, cls_name: str = "Linear") -> Any | None:
+        """The effective settings for module ``name``, or None if this step leaves it alone."""
+        if not any(match(t, name, cls_name) for t in self.targets):
+            return None
+        if any(match(t, name, cls_name) for t in self.ignore):
+            return None
+        for o in self.overrides:
+            if match(o["pattern"], name, cls_name):
+                return None if o.get("skip") else self.with_override(o)
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("targets", "ignore", "overrides"):
+            d[k] = list(d[k])
+        return d
+
+
+def _check_targets(step: Any) -> None:
+    for f in ("targets", "ignore", "overrides"):
+        v = getattr(step, f)
+        if isinstance(v, (str, dict)) or not isinstance(v, (list, tuple)):
+            raise RecipeError(f"{f} must be a list, got {type(v).__name__}: {v!r}")
+        object.__setattr__(step, f, tuple(v))
+    if not step.targets:
+        raise RecipeError("targets must name at least one module pattern (e.g. [Linear])")
+    for bad in [t for t in step.targets + step.ignore if not isinstance(t, str)]:
+        raise RecipeError(f"targets/ignore entries must be strings, got {bad!r}")
+    for t in step.targets + step.ignore:
+        if t.startswith("re:"):
+            try:
+                re.compile(t[3:])
+            except re.error as e:
+                raise RecipeError(f"bad regex {t!r} in targets/ignore: {e}") from None
+    for o in step.overrides:
+        if not isinstance(o, dict) or "pattern" not in o:
+            raise RecipeError(f"each override needs a 'pattern' key, got {o!r}")
+        allowed = {"pattern", "skip"} | (_fields(step) - {"targets", "ignore", "overrides"})
+        extra = set(o) - allowed
+        if extra:
+            raise RecipeError(f"override {o['pattern']!r}: unknown field(s) {sorted(extra)}; allowed: {sorted(allowed)}")
+        if not o.get("skip"):
+            step.with_override(o)  # validates the merged values
+
+
 @dataclass(frozen=True)
-class QuantStep:
+class QuantStep(_Targeted):
     """Weight-only integer quantization of the targeted linear layers."""
 
     method: str = "gptq"
@@ -116,31 +172,9 @@ class QuantStep:
             raise RecipeError("a step uses either awq or smoothquant scales, not both")
         self.act_scheme()
         if self.method not in METHODS:
-            raise RecipeError(f"method={self.method!r} is not allowed; allowed: {list(METHODS)}")
-        for f in ("targets", "ignore", "overrides"):
-            v = getattr(self, f)
-            if isinstance(v, (str, dict)) or not isinstance(v, (list, tuple)):
-                raise RecipeError(f"{f} must be a list, got {type(v).__name__}: {v!r}")
-            object.__setattr__(self, f, tuple(v))
-        if not self.targets:
-            raise RecipeError("targets must name at least one module pattern (e.g. [Linear])")
-        for bad in [t for t in self.targets + self.ignore if not isinstance(t, str)]:
-            raise RecipeError(f"targets/ignore entries must be strings, got {bad!r}")
-        for t in self.targets + self.ignore:
-            if t.startswith("re:"):
-                try:
-                    re.compile(t[3:])
-                except re.error as e:
-                    raise RecipeError(f"bad regex {t!r} in targets/ignore: {e}") from None
-        for o in self.overrides:
-            if not isinstance(o, dict) or "pattern" not in o:
-                raise RecipeError(f"each override needs a 'pattern' key, got {o!r}")
-            allowed = {"pattern", "skip"} | (_step_fields() - {"targets", "ignore", "overrides"})
-            extra = set(o) - allowed
-            if extra:
-                raise RecipeError(f"override {o['pattern']!r}: unknown field(s) {sorted(extra)}; allowed: {sorted(allowed)}")
-            if not o.get("skip"):
-                self.with_override(o)  # validates the merged values
+            raise RecipeError(f"method={self.method!r} is not allowed; allowed: "
+                              f"{list(METHODS + PRUNE_METHODS + LOWRANK_METHODS + ('drop_blocks', 'shrink'))}")
+        _check_targets(self)
         if self.observer not in OBSERVERS:
             raise RecipeError(f"observer={self.observer!r} is not allowed; allowed: {list(OBSERVERS)}")
         self.scheme()
@@ -186,50 +220,189 @@ class QuantStep:
         except (TypeError, ValueError) as e:
             raise RecipeError(f"bad GPTQ field: {e}") from None
 
-    def with_override(self, o: dict) -> QuantStep:
-        kw = {k: v for k, v in o.items() if k not in ("pattern", "skip")}
-        if "group_size" in kw and "strategy" not in kw:
-            kw["strategy"] = None
-        return dataclasses.replace(self, overrides=(), **kw)
-
-    def resolve(self, name: str, cls_name: str = "Linear") -> QuantStep | None:
-        """The effective settings for module ``name``, or None if this step leaves it alone."""
-        if not any(match(t, name, cls_name) for t in self.targets):
-            return None
-        if any(match(t, name, cls_name) for t in self.ignore):
-            return None
-        for o in self.overrides:
-            if match(o["pattern"], name, cls_name):
-                return None if o.get("skip") else self.with_override(o)
-        return self
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in ("targets", "ignore", "overrides"):
-            d[k] = list(d[k])
-        return d
+def _fields(step: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(step)}
 
 
 def _step_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(QuantStep)}
+    return _fields(QuantStep)
+
+
+@dataclass(frozen=True)
+class PruneStep(_Targeted):
+    """Zero weights of the targeted linear layers: ``sparsity`` of each layer (unstructured) or
+    ``pattern`` N:M (N kept of every M consecutive inputs). magnitude needs no data; wanda
+    (``|W| * ||x||``) and sparsegpt (Hessian-based reconstruction) use the calibration pass. A
+    later quantization step on the same layer keeps the mask (GPTQ compensates around it);
+    ``joint: true`` (sparsegpt) instead quantizes in SparseGPT's own sweep with that step's grid."""
+
+    method: str = "sparsegpt"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"  # unstructured | "N:M" such as "2:4"
+    targets: tuple[str, ...] = ("Linear",)
+    ignore: tuple[str, ...] = ("lm_head",)
+    overrides: tuple[dict, ...] = ()
+    damp: float = 0.01  # sparsegpt
+    block_size: int = 128  # sparsegpt
+    joint: bool = False  # sparsegpt: quantize in the same sweep (with the next quantization step's grid)
+
+    def __post_init__(self) -> None:
+        if self.method not in PRUNE_METHODS:
+            raise RecipeError(f"method={self.method!r} is not allowed; allowed: {list(METHODS + PRUNE_METHODS)}")
+        if not isinstance(self.joint, bool):
+            raise RecipeError(f"joint={self.joint!r} is not allowed; allowed: true or false")
+        if self.joint and self.method != "sparsegpt":
+            raise RecipeError("joint (sparse + quantized in one solve) is for method 'sparsegpt'")
+        self.pattern_()
+        try:
+            from llmpress.prune.sparsegpt import SparseGPTConfig
+
+            SparseGPTConfig(float(self.damp), int(self.block_size))
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"bad SparseGPT field: {e}") from None
+        _check_targets(self)
+
+    def pattern_(self):
+        from llmpress.prune.masks import SparsityPattern
+
+        try:
+            return SparsityPattern.parse(self.pattern, self.sparsity)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+
+    def describe(self) -> str:
+        return f"{self.method} {self.pattern_().describe()}" + (" joint" if self.joint else "")
+
+
+@dataclass(frozen=True)
+class DropBlocksStep:
+    """Remove whole decoder blocks (the model gets shallower; config.json follows): ``blocks``
+    of them, or ``fraction`` of the stack (rounded up), chosen by ``importance``: ``angular``
+    (the blocks that change the hidden states least, measured on the calibration data),
+    ``contiguous`` (the closest run of consecutive blocks) or ``last``. Comes before the
+    per-layer steps, whose layer names then refer to the remaining blocks."""
+
+    method: str = "drop_blocks"
+    blocks: int | None = None
+    fraction: float | None = None
+    importance: str = "angular"
+
+    def __post_init__(self) -> None:
+        from llmpress.prune.structured import IMPORTANCE
+
+        if self.method != "drop_blocks":
+            raise RecipeError(f"method={self.method!r} is not allowed here; use 'drop_blocks'")
+        if (self.blocks is None) == (self.fraction is None):
+            raise RecipeError("drop_blocks needs exactly one of 'blocks' (a count) or 'fraction' (of the blocks)")
+        if self.blocks is not None and (isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1):
+            raise RecipeError(f"blocks={self.blocks!r} is not allowed; allowed: a positive integer")
+        if self.fraction is not None and (isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float))
+                                          or not 0 < self.fraction < 1):
+            raise RecipeError(f"fraction={self.fraction!r} is not allowed; allowed: a number in (0, 1)")
+        if self.importance not in IMPORTANCE:
+            raise RecipeError(f"importance={self.importance!r} is not allowed; allowed: {list(IMPORTANCE)}")
+
+    def count(self, n_blocks: int) -> int:
+        import math
+
+        k = self.blocks if self.blocks is not None else math.ceil(self.fraction * n_blocks - 1e-9)
+        if not 0 < k < n_blocks:
+            raise RecipeError(f"drop_blocks would remove {k} of {n_blocks} blocks; at least one must remain")
+        return k
+
+    def describe(self) -> str:
+        n = self.blocks if self.blocks is not None else f"{self.fraction:.0%}"
+        return f"drop {n} blocks ({self.importance})"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LowRankStep(_Targeted):
+    """Factor the targeted linear layers into two thin ones (``LowRankLinear``) keeping
+    ``ratio`` of each layer's parameters: ``svd`` (truncated SVD of W) or ``asvd``
+    (activation-aware: whitened by the calibration inputs' second moment)."""
+
+    method: str = "asvd"
+    ratio: float = 0.8
+    targets: tuple[str, ...] = ("Linear",)
+    ignore: tuple[str, ...] = ("lm_head",)
+    overrides: tuple[dict, ...] = ()
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.method not in LOWRANK_METHODS:
+            raise RecipeError(f"method={self.method!r} is not allowed; allowed: {list(LOWRANK_METHODS)}")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
+            raise RecipeError(f"ratio={self.ratio!r} is not allowed; allowed: the fraction of parameters kept, in (0, 1)")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
+            raise RecipeError(f"damp={self.damp!r} is not allowed; allowed: [0, 1)")
+        _check_targets(self)
+
+    def describe(self) -> str:
+        return f"{self.method} {self.ratio:.0%}"
+
+
+@dataclass(frozen=True)
+class ShrinkStep:
+    """Narrow every decoder block: remove ``mlp`` (a fraction) of the MLP intermediate channels
+    and ``kv_groups`` key/value head groups per layer (each group's KV head with every query
+    head that reads it, so grouped-query layouts stay consistent), the least important by
+    ``|W| * ||x||`` measured on the calibration data. config.json follows (intermediate_size,
+    head counts, head_dim); plain transformers loads the result."""
+
+    method: str = "shrink"
+    mlp: float | None = None
+    kv_groups: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method != "shrink":
+            raise RecipeError(f"method={self.method!r} is not allowed here; use 'shrink'")
+        if self.mlp is None and self.kv_groups is None:
+            raise RecipeError("shrink needs 'mlp' (fraction of intermediate channels removed) and/or 'kv_groups' "
+                              "(key/value head groups removed per layer)")
+        if self.mlp is not None and (isinstance(self.mlp, bool) or not isinstance(self.mlp, (int, float))
+                                     or not 0 < self.mlp < 1):
+            raise RecipeError(f"mlp={self.mlp!r} is not allowed; allowed: the fraction of channels removed, in (0, 1)")
+        if self.kv_groups is not None and (isinstance(self.kv_groups, bool) or not isinstance(self.kv_groups, int)
+                                           or self.kv_groups < 1):
+            raise RecipeError(f"kv_groups={self.kv_groups!r} is not allowed; allowed: a positive integer (whole "
+                              "key/value groups, so grouped-query attention stays consistent)")
+
+    def describe(self) -> str:
+        parts = ([f"mlp -{self.mlp:.0%}"] if self.mlp else []) + ([f"-{self.kv_groups} kv groups"] if self.kv_groups else [])
+        return "shrink " + ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+MODEL_STEPS = (DropBlocksStep, ShrinkStep)
+Step = QuantStep | PruneStep | LowRankStep
 
 
 @dataclass(frozen=True)
 class Recipe:
-    steps: tuple[QuantStep, ...]
+    steps: tuple[Step | DropBlocksStep | ShrinkStep, ...]
     name: str = "custom"
 
     def __post_init__(self) -> None:
         if not self.steps:
             raise RecipeError("a recipe needs at least one step")
+        kinds = [isinstance(s, (DropBlocksStep, ShrinkStep)) for s in self.steps]
+        if any(kinds) and kinds != sorted(kinds, reverse=True):
+            raise RecipeError("drop_blocks / shrink steps change the model's shape: put them before the per-layer steps")
 
     @property
     def needs_calibration(self) -> bool:
         def calib(d: dict) -> bool:
             static = d.get("act_bits") is not None and d.get("act_dynamic") is False
-            return d.get("method") in ("gptq", "awq") or bool(d.get("awq")) or d.get("smoothquant") is not None or static
+            return (d.get("method") in ("gptq", "awq", "wanda", "sparsegpt", "asvd") or bool(d.get("awq"))
+                    or (d.get("method") == "drop_blocks" and d.get("importance") != "last") or d.get("method") == "shrink"
+                    or d.get("smoothquant") is not None or static)
 
-        return any(calib(s.to_dict()) or any(calib(o) for o in s.overrides) for s in self.steps)
+        return any(calib(s.to_dict()) or any(calib(o) for o in getattr(s, "overrides", ())) for s in self.steps)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "steps": [s.to_dict() for s in self.steps]}
@@ -250,17 +423,21 @@ class Recipe:
         for i, s in enumerate(d["steps"] or []):
             if not isinstance(s, dict):
                 raise RecipeError(f"step {i} must be a mapping, got {s!r}")
-            extra = set(s) - _step_fields()
+            cls_ = (PruneStep if s.get("method") in PRUNE_METHODS
+                    else LowRankStep if s.get("method") in LOWRANK_METHODS
+                    else DropBlocksStep if s.get("method") == "drop_blocks"
+                    else ShrinkStep if s.get("method") == "shrink" else QuantStep)
+            extra = set(s) - _fields(cls_)
             if extra:
-                raise RecipeError(f"step {i}: unknown field(s) {sorted(extra)}; allowed: {sorted(_step_fields())}")
+                raise RecipeError(f"step {i}: unknown field(s) {sorted(extra)}; allowed: {sorted(_fields(cls_))}")
             try:
-                steps.append(QuantStep(**s))
+                steps.append(cls_(**s))
             except RecipeError as e:
                 raise RecipeError(f"step {i}: {e}") from None
         return cls(tuple(steps), str(d.get("name", name)))
 
 
-PRESETS: dict[str, dict] = {
+PRESETS: dict[str, dict | list[dict]] = {
     "w8a16": dict(method="rtn", bits=8, group_size=-1),
     "w4a16-rtn": dict(method="rtn", bits=4),
     "w3a16-rtn": dict(method="rtn", bits=3),
@@ -289,6 +466,22 @@ PRESETS: dict[str, dict] = {
     "w3a16-awq": dict(method="rtn", awq=True, bits=3, observer="mse"),
     "w4a16-awq-gptq": dict(method="gptq", awq=True, bits=4, observer="mse"),
     "w3a16-awq-gptq": dict(method="gptq", awq=True, bits=3, observer="mse"),
+    # pruning: half of every layer's weights (unstructured) or 2 of every 4 (semi-structured)
+    "sparse50-magnitude": dict(method="magnitude", sparsity=0.5),
+    "sparse50-wanda": dict(method="wanda", sparsity=0.5),
+    "sparse50-sparsegpt": dict(method="sparsegpt", sparsity=0.5),
+    "2of4-magnitude": dict(method="magnitude", pattern="2:4"),
+    "2of4-wanda": dict(method="wanda", pattern="2:4"),
+    "2of4-sparsegpt": dict(method="sparsegpt", pattern="2:4"),
+    # 2:4 sparse + 4-bit: the SparseGPT mask, then GPTQ keeping it
+    # structured: a quarter of the decoder blocks removed (those changing the hidden states least)
+    "drop25-angular": dict(method="drop_blocks", fraction=0.25),
+    "shrink-mlp25": dict(method="shrink", mlp=0.25),
+    # low-rank: 80% of each linear's parameters, activation-aware (whitened) or plain SVD
+    "asvd80": dict(method="asvd", ratio=0.8),
+    "svd80": dict(method="svd", ratio=0.8),
+    "2of4-sparsegpt-w4a16": [dict(method="sparsegpt", pattern="2:4"),
+                             dict(method="gptq", bits=4, observer="mse", act_order=False)],
 }
 
 
@@ -297,12 +490,9 @@ def recipe(name_or_path: str | Path, **overrides: Any) -> Recipe:
     YAML / JSON recipe file."""
     s = str(name_or_path)
     if s in PRESETS:
-        kw = {**PRESETS[s], **{k: v for k, v in overrides.items() if v is not None}}
-        extra = set(kw) - _step_fields()
-        if extra:
-            raise RecipeError(f"unknown field(s) {sorted(extra)}; allowed: {sorted(_step_fields())}")
-        suffix = "" if kw.get("group_size") in (None, -1, 128) else f"-g{kw['group_size']}"
-        return Recipe((QuantStep(**kw),), s + suffix)
+        p = PRESETS[s]
+        r = Recipe.from_dict({"steps": [dict(d) for d in (p if isinstance(p, list) else [p])]}, name=s)
+        return _with_overrides(r, overrides, preset=True)
     p = Path(s)
     if not p.is_file():
         raise RecipeError(f"unknown recipe {s!r}: not a preset {sorted(PRESETS)} nor a YAML/JSON file")
@@ -311,7 +501,28 @@ def recipe(name_or_path: str | Path, **overrides: Any) -> Recipe:
         d = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise RecipeError(f"{p}: not valid YAML/JSON: {e}") from None
-    r = Recipe.from_dict(d, name=p.stem)
-    if overrides:
-        r = Recipe(tuple(dataclasses.replace(st, **{k: v for k, v in overrides.items() if v is not None}) for st in r.steps), r.name)
-    return r
+    return _with_overrides(Recipe.from_dict(d, name=p.stem), overrides)
+
+
+def _with_overrides(r: Recipe, overrides: dict[str, Any], preset: bool = False) -> Recipe:
+    """Apply keyword overrides to every step that has the field (e.g. group_size to the
+    quantization step of a prune + quantize recipe)."""
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    if not kw:
+        return r
+    known = set().union(*(_fields(st) for st in r.steps))
+    extra = set(kw) - known
+    if extra:
+        raise RecipeError(f"unknown field(s) {sorted(extra)}; allowed: {sorted(known)}")
+    steps = []
+    for st in r.steps:
+        sub = {k: v for k, v in kw.items() if k in _fields(st)}
+        if "group_size" in sub and "strategy" not in sub and "strategy" in _fields(st):
+            sub["strategy"] = None
+        try:
+            steps.append(dataclasses.replace(st, **sub) if sub else st)
+        except RecipeError as e:
+            raise RecipeError(f"{r.name}: {e}") from None
+    gs = kw.get("group_size")
+    suffix = f"-g{gs}" if preset and gs not in (None, -1, 128) else ""
+    return Recipe(tuple(steps), r.name + suffix)

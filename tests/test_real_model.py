@@ -89,3 +89,20 @@ def test_gguf_export_q8_0_real_model(base, tmp_path):
     r = lp.evaluate_many({"q8": q8}, base, n_windows=2, progress=False)["q8"]
     b = lp.evaluate(base, n_windows=2, progress=False)
     assert abs(r.ppl / b.ppl - 1) < 0.005 and r.top1 > 0.97
+
+
+def test_wanda_beats_magnitude_and_sparse_checkpoint_is_smaller(base, tmp_path):
+    """50% unstructured on the real model with reduced calibration (16 x 512), 2 windows."""
+    cal = lp.data.calibration(n_samples=16)
+    models = {}
+    for r in ("sparse50-magnitude", "sparse50-wanda"):
+        models[r] = lp.load("smollm2-135m")
+        lp.compress(models[r], r, cal, progress=False)
+    res = lp.evaluate_many(models, base, n_windows=2, progress=False)
+    b = lp.evaluate(base, n_windows=2, progress=False).ppl
+    inc = {k: v.ppl - b for k, v in res.items()}
+    assert inc["sparse50-wanda"] < inc["sparse50-magnitude"] / 3, inc
+    lp.save(models["sparse50-wanda"], tmp_path / "sparse")
+    lp.save(base, tmp_path / "dense")
+    size = {k: sum(f.stat().st_size for f in (tmp_path / k).glob("*.safetensors")) for k in ("sparse", "dense")}
+    assert size["sparse"] < 0.65 * size["dense"], size

@@ -28,6 +28,7 @@ def _w(bits, group=64, sym=True, typ="int", strategy="group"):
 
 def recipes():
     from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
@@ -46,6 +47,10 @@ def recipes():
             GPTQModifier(config_groups=cg(_w(8, strategy="channel"), tok_int8), ignore=["lm_head"])]),
         "lc-fp8-dynamic": ("fp8", 8, [QuantizationModifier(
             config_groups=cg(_w(8, typ="float", strategy="channel"), tok_fp8), ignore=["lm_head"])]),
+        # pruning (bench/prune.py): unstructured 50% and 2:4, saved dense
+        **{f"lc-{m}-{tag}": (m, 32, [cls(sparsity=0.5, mask_structure=ms, ignore=["lm_head"])])
+           for m, cls in (("sparsegpt", SparseGPTModifier), ("wanda", WandaPruningModifier))
+           for tag, ms in (("50", "0:0"), ("2of4", "2:4"))},
     }
 
 
@@ -64,6 +69,9 @@ def main() -> None:
             continue
         info = {"tool": "llmcompressor", "version": llmcompressor.__version__, "method": method, "bits": bits,
                 "group_size": 64 if bits < 8 else -1, "settings": repr(recipe)[:400]}
+        prune = method in ("sparsegpt", "wanda")
+        if prune:
+            info["sparsity"] = "2:4" if name.endswith("2of4") else 0.5
         model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(MODEL)
         t0 = time.perf_counter()
@@ -71,7 +79,7 @@ def main() -> None:
             oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0],
                     max_seq_length=calib.shape[1], pipeline="datafree" if method in ("rtn", "fp8") else "sequential")
             info["seconds"] = time.perf_counter() - t0
-            model.save_pretrained(out / name, save_compressed=True)
+            model.save_pretrained(out / name, save_compressed=not prune)  # sparse: dense safetensors
             tok.save_pretrained(out / name)
         except Exception as e:  # a peer failing on CPU is a result: keep the row with its error
             info["seconds"] = time.perf_counter() - t0

@@ -27,7 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from llmpress.nn import QuantLinear
+from llmpress.formats import sparse
+from llmpress.lowrank.svd import LowRankWeight
+from llmpress.nn import LowRankLinear, QuantLinear
 from llmpress.quant.act import ActScheme
 from llmpress.quant.pack import pack_int32, unpack_int32
 from llmpress.quant.primitives import QuantizedWeight, QuantScheme
@@ -153,6 +155,10 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for n, m in quant.items():
         sd.update(quantized_tensors(n, m))
     sd.update(plain_tensors(model, skip=tuple(f"{n}." for n in quant)))
+    for k, w in sparse.sparse_linears(model).items():  # pruned dense weights: bitmask layout
+        if k in sd:
+            del sd[k]
+            sd.update(sparse.compress(k, w))
     return sd
 
 
@@ -161,8 +167,16 @@ def quantization_config(model: nn.Module) -> dict | None:
     for n, m in model.named_modules():
         if isinstance(m, QuantLinear):
             groups[(m.scheme, layer_format(m), m.act)].append(n)
+    sparse_w = sparse.sparse_linears(model)
+    sparsity_config = sparse.sparsity_config(sparse_w) if sparse_w else {}
     if not groups:
-        return None
+        if not sparse_w:
+            return None
+        from compressed_tensors import __version__ as ct_version
+
+        return {"quant_method": "compressed-tensors", "format": "dense", "quantization_status": "compressed",
+                "config_groups": {}, "ignore": [], "kv_cache_scheme": None, "global_compression_ratio": None,
+                "sparsity_config": sparsity_config, "transform_config": {}, "version": ct_version}
     quantized = {n for names in groups.values() for n in names}
     unquantized = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     config_groups = {}
@@ -185,7 +199,7 @@ def quantization_config(model: nn.Module) -> dict | None:
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed", "config_groups": config_groups,
         "ignore": sorted(unquantized), "kv_cache_scheme": None, "global_compression_ratio": None,
-        "sparsity_config": {}, "transform_config": {}, "version": ct_version,
+        "sparsity_config": sparsity_config, "transform_config": {}, "version": ct_version,
     }
 
 
@@ -206,6 +220,13 @@ def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False, e
             cfg["quantization_config"] = qc
         else:
             cfg.pop("quantization_config", None)
+        lowrank = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+        if lowrank:  # factor shapes for the reader (llmpress only; transformers does not know them)
+            cfg["llmpress_lowrank"] = lowrank
+            log.warning("%d low-rank layers: llmpress.load reads this checkpoint, plain transformers does not",
+                        len(lowrank))
+        else:
+            cfg.pop("llmpress_lowrank", None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -268,9 +289,25 @@ def load_compressed(d: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     config = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    lowrank = cfg_d.get("llmpress_lowrank") or {}
+    if hasattr(config, "llmpress_lowrank"):
+        del config.llmpress_lowrank
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for name, r in lowrank.items():  # factor placeholders, filled by finish_load
+        mod = model.get_submodule(name)
+        n, k = mod.weight.shape
+        lw = LowRankWeight(torch.empty(n, int(r), device="meta", dtype=dtype),
+                           torch.empty(int(r), k, device="meta", dtype=dtype))
+        bias = torch.empty(n, device="meta", dtype=dtype) if getattr(mod, "bias", None) is not None else None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, LowRankLinear(lw, bias))
     tensors = _read_tensors(d)
+    sc = qc.get("sparsity_config") or {}
+    if sc and sc.get("format") != "sparse-bitmask":
+        raise ValueError(f"{d}: sparsity format {sc.get('format')!r} is not supported (readable: sparse-bitmask)")
+    for key in [k[: -len(".compressed")] for k in tensors if k.endswith(".weight.compressed")]:
+        tensors[key] = sparse.decompress(key, tensors).to(dtype)
     ignore = qc.get("ignore", [])
     for name in [k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale")]:
         mod = model.get_submodule(name)

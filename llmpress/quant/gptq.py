@@ -70,8 +70,13 @@ def gptq(
     scheme: QuantScheme,
     cfg: GPTQConfig = GPTQConfig(),
     name: str = "weight",
+    mask: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize ``w`` [N, K] minimising ``||(W - Q) X||^2`` given ``H = 2 X X^T / n`` [K, K].
+
+    ``mask`` [N, K] (bool, True = kept) keeps a pruned weight's zeros: masked entries become
+    the zero point (dequantizing to exactly 0) and their error is compensated like rounding
+    error, so a sparse model stays sparse with the same mask.
 
     Falls back to round-to-nearest (with a warning) only if H stays singular after every
     dampening retry; never returns NaN or inf.
@@ -86,6 +91,11 @@ def gptq(
         raise ValueError(f"{name}: calibration statistics contain NaN/inf (check the inputs)")
     W = w.detach().float().clone()
     H = h.detach().float().clone()
+    if mask is not None:
+        if mask.shape != w.shape:
+            raise ValueError(f"{name}: mask shape {tuple(mask.shape)} does not match weight {tuple(w.shape)}")
+        mask = mask.to(device=W.device, dtype=torch.bool)
+        W = W * mask
 
     dead = torch.diag(H) == 0  # inputs that never fire: any value is fine, pick 0
     H[dead, dead] = 1.0
@@ -101,6 +111,7 @@ def gptq(
     if cfg.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+        mask = None if mask is None else mask[:, perm]
     col_group = (perm if perm is not None else torch.arange(k, device=W.device)) // gs
 
     try:
@@ -143,6 +154,8 @@ def gptq(
             z = zero_all[:, g].float() if zero_all is not None else 0.0
             x = W1[:, i]
             q = scheme.round(x / s + z)
+            if mask is not None:
+                q = torch.where(mask[:, col], q, z if zero_all is not None else torch.zeros_like(q))
             dq = (q - z) * s
             Q[:, col] = q.to(Q.dtype)
             d = U1[i, i]

@@ -1,0 +1,1 @@
+"""Low-rank factorization of linear layers (truncated and activation-aware SVD)."""

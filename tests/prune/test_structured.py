@@ -1,0 +1,139 @@
+"""Removing decoder blocks: the right blocks go, the config follows, plain transformers loads
+the result and generation with a KV cache still works."""
+
+import json
+
+import pytest
+import torch
+
+import llmpress as lp
+from llmpress.prune.structured import block_distances, choose_blocks, drop_blocks
+from llmpress.recipe import RecipeError
+from tests.conftest import correlated_tokens, tiny_config
+
+
+def _deep(arch="llama", layers=4, identity=(2,)):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config(arch)
+    cfg.num_hidden_layers = layers
+    if hasattr(cfg, "layer_types") and cfg.layer_types is not None:
+        cfg.layer_types = [cfg.layer_types[i % len(cfg.layer_types)] for i in range(layers)]
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+        for i in identity:  # a block whose residual branches write nothing: output == input
+            blk = m.model.layers[i]
+            blk.self_attn.o_proj.weight.zero_()
+            blk.mlp.down_proj.weight.zero_()
+    return m
+
+
+def test_angular_distance_finds_the_identity_block():
+    m = _deep(identity=(2,))
+    d = block_distances(m, correlated_tokens(4, 32))
+    assert d.shape == (4,) and float(d[2]) < 1e-4 < float(d[[0, 1, 3]].min())
+    assert choose_blocks(m, 1, "angular", correlated_tokens(4, 32))[0] == [2]
+    assert choose_blocks(m, 2, "last")[0] == [2, 3]
+    m2 = _deep(identity=(1, 2))
+    assert choose_blocks(m2, 2, "contiguous", correlated_tokens(4, 32))[0] == [1, 2]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])
+def test_dropped_model_saves_loads_in_transformers_and_generates(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = _deep(arch, identity=(1,))
+    ids = correlated_tokens(2, 16, seed=2)
+    with torch.no_grad():
+        before = m(ids).logits
+    rep = lp.compress(m, lp.Recipe.from_dict({"steps": [{"method": "drop_blocks", "fraction": 0.25}]}),
+                      correlated_tokens(4, 32), progress=False)
+    assert rep.structure[0]["removed"] == [1] and rep.structure[0]["blocks_after"] == 3
+    assert m.config.num_hidden_layers == 3
+    assert [b.self_attn.layer_idx for b in m.model.layers] == [0, 1, 2]
+    with torch.no_grad():  # block 1 was an identity: removing it changes nothing
+        assert torch.allclose(m(ids).logits, before, atol=1e-5)
+    lp.save(m, tmp_path / "o")
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["num_hidden_layers"] == 3
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, m(ids).logits)
+        cached = hf.generate(ids, max_new_tokens=6, do_sample=False)
+        uncached = hf.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_drop_then_quantize_sees_the_shallower_model():
+    m = _deep()
+    rep = lp.compress(m, lp.Recipe.from_dict({"steps": [
+        {"method": "drop_blocks", "blocks": 2, "importance": "last"},
+        {"method": "gptq", "bits": 4, "group_size": 32}]}), correlated_tokens(4, 32), progress=False)
+    assert len(m.model.layers) == 2 and len(rep.layers) == 14
+    assert {x["name"].split(".")[2] for x in rep.layers} == {"0", "1"}
+
+
+@pytest.mark.parametrize("steps,msg", [
+    ([{"method": "drop_blocks"}], "exactly one"),
+    ([{"method": "drop_blocks", "blocks": 2, "fraction": 0.5}], "exactly one"),
+    ([{"method": "drop_blocks", "blocks": 4}], "at least one must remain"),
+    ([{"method": "drop_blocks", "fraction": 1.5}], "fraction"),
+    ([{"method": "drop_blocks", "blocks": 1, "importance": "random"}], "importance"),
+    ([{"method": "rtn", "bits": 8, "group_size": -1}, {"method": "drop_blocks", "blocks": 1}], "before the per-layer"),
+])
+def test_bad_drop_recipes(steps, msg):
+    with pytest.raises(RecipeError, match=msg):
+        lp.compress(_deep(), lp.Recipe.from_dict({"steps": steps}), correlated_tokens(2, 16), progress=False)
+
+
+def test_drop_blocks_rejects_bad_indices():
+    with pytest.raises(ValueError, match="bad block indices"):
+        drop_blocks(_deep(), [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="bad block indices"):
+        drop_blocks(_deep(), [7])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_shrink_heads_and_mlp_loads_in_transformers(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = _deep(arch, identity=())
+    ids = correlated_tokens(2, 16, seed=2)
+    rep = lp.compress(m, lp.Recipe.from_dict({"steps": [{"method": "shrink", "mlp": 0.25, "kv_groups": 1}]}),
+                      correlated_tokens(4, 32), progress=False)
+    assert m.config.intermediate_size == 96 and m.config.num_key_value_heads == 1
+    assert m.config.num_attention_heads == 2 and m.config.head_dim == 16
+    assert all(len(g) == 1 for g in rep.structure[0]["kept_kv_groups"])
+    lp.save(m, tmp_path / "o")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, m(ids).logits)
+        assert torch.equal(hf.generate(ids, max_new_tokens=5, do_sample=False),
+                           hf.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False))
+    assert sum(p.numel() for p in hf.parameters()) < sum(p.numel() for p in _deep(arch).parameters())
+
+
+def test_shrink_keeps_important_channels():
+    """A channel whose down_proj column is zero contributes nothing: it is removed first."""
+    m = _deep(identity=())
+    with torch.no_grad():
+        for b in m.model.layers:
+            b.mlp.down_proj.weight[:, :32] = 0  # 32 dead channels of 128
+    ids = correlated_tokens(2, 16, seed=2)
+    with torch.no_grad():
+        before = m(ids).logits
+    lp.compress(m, lp.Recipe.from_dict({"steps": [{"method": "shrink", "mlp": 0.25}]}), correlated_tokens(4, 32),
+                progress=False)
+    with torch.no_grad():
+        assert torch.allclose(m(ids).logits, before, atol=1e-5)
+
+
+@pytest.mark.parametrize("step,msg", [
+    ({"method": "shrink"}, "needs 'mlp'"), ({"method": "shrink", "kv_groups": 2}, "at most 1"),
+    ({"method": "shrink", "mlp": 1.0}, "mlp"), ({"method": "shrink", "kv_groups": 1.5}, "whole")])
+def test_bad_shrink(step, msg):
+    with pytest.raises(RecipeError, match=msg):
+        lp.compress(_deep(), lp.Recipe.from_dict({"steps": [step]}), correlated_tokens(2, 16), progress=False)
