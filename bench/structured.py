@@ -52,15 +52,19 @@ def main() -> None:
     todo = {f"drop{round(a.fraction * 100)}-{imp}": {"method": "drop_blocks", "fraction": a.fraction, "importance": imp}
             for imp in ("angular", "contiguous", "last")}
     todo.update({f"{m}-{round(a.ratio * 100)}": {"method": m, "ratio": a.ratio} for m in ("svd", "asvd")})
+    todo[f"asvd-{round(a.ratio * 100)}+rtn-w8"] = [{"method": "asvd", "ratio": a.ratio},
+                                                   {"method": "rtn", "bits": 8, "group_size": -1}]
     distances = None
     for name, step in todo.items():
         m = lp.load("smollm2-135m")
         t0 = time.perf_counter()
-        rep = lp.compress(m, lp.Recipe.from_dict({"steps": [step]}, name=name), calib, progress=False)
+        steps = step if isinstance(step, list) else [step]
+        r = lp.Recipe.from_dict({"steps": steps}, name=name)
+        rep = lp.compress(m, r, calib, progress=False)
         sec = time.perf_counter() - t0
         lp.save(m, out / name, overwrite=True)
         st = rep.structure[0] if rep.structure else {"blocks_after": len(m.model.layers), "removed": []}
-        rows[name] = {"name": name, "method": lp.Recipe.from_dict({"steps": [step]}).steps[0].describe(),
+        rows[name] = {"name": name, "method": " -> ".join(x.describe() for x in r.steps),
                       "blocks": st["blocks_after"], "removed": st["removed"], "seconds": sec,
                       "size_mb": _disk_mb(out / name), "dir": out / name,
                       "command": f"python bench/structured.py --fraction {a.fraction} --ratio {a.ratio}"}

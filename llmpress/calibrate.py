@@ -245,9 +245,12 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, tuple[Step, ...]]:
         if len(hits) > 2 or len(set(kinds)) < len(kinds):
             raise RecipeError(f"{name} is targeted by steps {[i for i, _ in hits]}; a layer takes at most one "
                               "pruning step and one quantization step: add it to the others' ignore")
-        if len(hits) == 2 and any(isinstance(r, LowRankStep) for _, r in hits):
-            raise RecipeError(f"{name}: a low-rank layer cannot also be pruned or quantized in this version; "
-                              "target different layers with each step")
+        if len(hits) == 2 and isinstance(hits[0][1], LowRankStep):
+            q = hits[1][1]
+            if not isinstance(q, QuantStep) or q.awq or q.smoothquant is not None or q.act_bits is not None:
+                raise RecipeError(f"{name}: after a low-rank step a layer's two factors take plain weight "
+                                  "quantization (rtn, gptq, hqq, nf4, fp4; no awq/smoothquant/activations), "
+                                  "not pruning")
         if isinstance(hits[0][1], QuantStep) and len(hits) == 2:
             raise RecipeError(f"{name}: step {hits[1][0]} prunes after step {hits[0][0]} quantized; put the "
                               "pruning step first (quantization keeps the mask)")
@@ -265,8 +268,19 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, tuple[Step, ...]]:
                         raise RecipeError(f"{name}: joint sparsegpt needs a following plain 'gptq' step on the same "
                                           "layer (integer weights, no awq/activation quantization)")
             elif isinstance(step, LowRankStep):
-                pass
-            elif step.method not in ("nf4", "fp4"):  # code books flatten the weight: any shape fits
+                from llmpress.lowrank.svd import rank_for
+
+                r = rank_for(w.shape, step.ratio)
+                q = steps[-1]
+                if isinstance(q, QuantStep) and q.method not in ("nf4", "fp4"):
+                    for shape, part in (((r, w.shape[1]), "down"), ((w.shape[0], r), "up")):
+                        try:
+                            q.scheme().check_shape(shape, f"{name}.{part}")
+                        except ValueError as e:
+                            raise RecipeError(f"{e} (rank {r} factor of the low-rank step)") from None
+                continue
+            elif step.method not in ("nf4", "fp4") and not isinstance(steps[0], LowRankStep):
+                # (code books flatten the weight: any shape fits; low-rank factors checked above)
                 step.scheme().check_shape(w.shape, name)
             if needs(step) and id(mod) not in in_blocks:
                 raise RecipeError(
@@ -545,10 +559,22 @@ def _compress_block(block: nn.Module, bp: str, todo: dict[str, tuple[Step, ...]]
         if isinstance(step, LowRankStep):
             ts = time.perf_counter()
             w = linear_weight(mods[ln]).detach()
-            lw = SOLVERS[step.method][0](w, dict(bs.of(ln)), step, bp + ln)
+            st = dict(bs.of(ln))
+            lw = SOLVERS[step.method][0](w, st, step, bp + ln)
             new = _swap(block, ln, mods[ln], lw, device)
             _record(report, bp + ln, step, w, lw, new.describe(), ts)
             done.add(ln)
+            if len(steps) == 2:  # quantize both factors; the up factor sees x B^T: H_up = B H B^T
+                q = steps[1]
+                h = st.get("hessian")
+                b = new.down.weight.detach().float()
+                for part, hs in (("down", h), ("up", None if h is None else b @ h.to(b.device) @ b.T)):
+                    ts = time.perf_counter()
+                    sub = getattr(new, part)
+                    fw = sub.weight.detach()
+                    qw = SOLVERS[q.method][0](fw, {} if hs is None else {"hessian": hs}, q, f"{bp}{ln}.{part}")
+                    ql = _swap(new, part, sub, qw, device, q)
+                    _record(report, f"{bp}{ln}.{part}", q, fw, qw, ql.describe(), ts)
             continue
         if not isinstance(step, PruneStep):
             continue

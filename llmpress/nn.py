@@ -95,30 +95,39 @@ class CodebookLinear(CompressedLinear):
 
 
 
-class LowRankLinear(CompressedLinear):
-    """W = A @ B held as its two factors (``a`` [out, r], ``b`` [r, in]); the forward runs the
-    two thin matmuls, so compute drops with the rank as well as storage."""
+class LowRankLinear(nn.Module):
+    """W = A @ B as two thin linears: ``down`` (B, [r, in]) then ``up`` (A, [out, r], with the
+    bias). Compute drops with the rank as well as storage, and each factor is an ordinary
+    linear that a later quantization step compresses like any other (``...q_proj.down``)."""
 
     def __init__(self, lw: LowRankWeight, bias: torch.Tensor | None = None) -> None:
-        super().__init__(lw.shape, bias, lw.info)
-        self.a = nn.Parameter(lw.a.detach().contiguous(), requires_grad=False)
-        self.b = nn.Parameter(lw.b.detach().contiguous(), requires_grad=False)
+        super().__init__()
+        out_f, in_f = lw.shape
+        self.out_features, self.in_features = out_f, in_f
+        r = lw.rank
+        dev, dt = lw.a.device, lw.a.dtype
+        self.down = nn.Linear(in_f, r, bias=False, device=dev, dtype=dt)
+        self.up = nn.Linear(r, out_f, bias=bias is not None, device=dev, dtype=dt)
+        self.down.weight = nn.Parameter(lw.b.detach().contiguous(), requires_grad=False)
+        self.up.weight = nn.Parameter(lw.a.detach().contiguous(), requires_grad=False)
+        if bias is not None:
+            self.up.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.info = dict(lw.info)
 
     @property
     def rank(self) -> int:
-        return self.a.shape[1]
-
-    @property
-    def qweight(self) -> LowRankWeight:
-        return LowRankWeight(self.a.data, self.b.data, self.info)
+        return self.down.out_features
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.a @ self.b
+        """The dense product [out, in] (factors dequantized if they are quantized)."""
+        return self.up.weight.float() @ self.down.weight.float()
 
     def describe(self) -> str:
         return f"rank {self.rank}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(F.linear(x, self.b.to(x.dtype)), self.a.to(x.dtype))
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -47,7 +47,7 @@ def model_size(model: nn.Module, path: str | Path | None = None) -> tuple[float,
             n = m.out_features * m.in_features
             qbits += m.qweight.storage_bits()
             qn += n
-            params += 0 if hasattr(m, "rank") else n  # low-rank factors are parameters, counted below
+            params += n
     params += sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
     if path is not None:
         size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))

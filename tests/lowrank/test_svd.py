@@ -52,9 +52,12 @@ def test_bad_ranks_ratios_and_singular_statistics():
     assert torch.isfinite(out.dequantize()).all()
     with pytest.raises(RecipeError, match="ratio"):
         lp.Recipe.from_dict({"steps": [{"method": "asvd", "ratio": 1.2}]})
-    with pytest.raises(RecipeError, match="low-rank layer cannot also"):
-        lp.compress(tiny_model(), lp.Recipe.from_dict({"steps": [{"method": "svd"}, {"method": "rtn", "bits": 8,
-                                                                                     "group_size": -1}]}), progress=False)
+    with pytest.raises(RecipeError, match="not pruning"):
+        lp.compress(tiny_model(), lp.Recipe.from_dict({"steps": [{"method": "svd"}, {"method": "wanda"}]}),
+                    correlated_tokens(2, 16), progress=False)
+    with pytest.raises(RecipeError, match="rank 25 factor"):  # rank 25 is not a multiple of group 16
+        lp.compress(tiny_model(), lp.Recipe.from_dict({"steps": [{"method": "svd"}, {"method": "rtn", "bits": 4,
+                                                                                     "group_size": 16}]}), progress=False)
 
 
 def test_low_rank_model_saves_reloads_and_is_smaller(tmp_path):
@@ -71,7 +74,30 @@ def test_low_rank_model_saves_reloads_and_is_smaller(tmp_path):
         back = lp.load(tmp_path / r)
         with torch.no_grad():
             assert torch.equal(back(ids).logits, m(ids).logits)
-        n_lin = sum(x.a.numel() + x.b.numel() for x in m.modules() if isinstance(x, LowRankLinear))
+        n_lin = sum(x.up.weight.numel() + x.down.weight.numel() for x in m.modules() if isinstance(x, LowRankLinear))
         dense = sum(x.weight.numel() for n, x in base.named_modules() if ".layers." in n and isinstance(x, torch.nn.Linear))
         assert n_lin <= 0.8 * dense
     assert errs["asvd80"] < 0.5 * errs["svd80"], errs
+
+
+def test_asvd_then_int8_composes_and_reloads(tmp_path):
+    from llmpress.nn import QuantLinear
+
+    base = tiny_model()
+    ids = correlated_tokens(4, 64, seed=1)
+    errs = {}
+    for name, steps in {"asvd": [{"method": "asvd", "ratio": 0.8}],
+                        "asvd+gptq8": [{"method": "asvd", "ratio": 0.8},
+                                       {"method": "gptq", "bits": 8, "group_size": -1}]}.items():
+        m = tiny_model()
+        lp.compress(m, lp.Recipe.from_dict({"steps": steps}), correlated_tokens(16, 64), progress=False)
+        with torch.no_grad():
+            errs[name] = float((m(ids).logits - base(ids).logits).pow(2).mean())
+        if name == "asvd+gptq8":
+            lr = [x for x in m.modules() if isinstance(x, LowRankLinear)]
+            assert len(lr) == 14 and all(isinstance(x.up, QuantLinear) and isinstance(x.down, QuantLinear) for x in lr)
+            lp.save(m, tmp_path / "o")
+            back = lp.load(tmp_path / "o")
+            with torch.no_grad():
+                assert torch.equal(back(ids).logits, m(ids).logits)
+    assert errs["asvd+gptq8"] < 1.2 * errs["asvd"], errs  # int8 on the factors costs little
