@@ -34,6 +34,7 @@ ROWS: dict[str, tuple] = {
     "magnitude-50": ("sparse50-magnitude", {}),
     "wanda-50": ("sparse50-wanda", {}),
     "sparsegpt-50": ("sparse50-sparsegpt", {}),
+    "wanda-50-owl": ({"name": "sparse50-wanda-owl", "steps": [{"method": "wanda", "sparsity": 0.5, "owl": True}]}, {}),
     "magnitude-2of4": ("2of4-magnitude", {}),
     "wanda-2of4": ("2of4-wanda", {}),
     "sparsegpt-2of4": ("2of4-sparsegpt", {}),
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--peers", default=None)
     ap.add_argument("--out", default=str(ROOT / "out" / "prune"))
     ap.add_argument("--chunk", type=int, default=6)
+    ap.add_argument("--tag", default="", help="suffix for the result file (a partial re-run)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +149,7 @@ def main() -> None:
     meta = {"model": "smollm2-135m", "protocol": f"wiki eval, {a.n_windows}x1024 tokens; calib 64x512 seed 0; fp32 CPU",
             "machine": machine, "date": time.strftime("%Y-%m-%d"), "base_ppl": base_ppl, "dense_size_mb": dense_mb,
             "ppl_increase_ratios": checks, "llama2_7b_published": LLAMA2_7B}
-    (ROOT / "bench" / "results" / "prune-smollm2-135m.json").write_text(
+    (ROOT / "bench" / "results" / f"prune-smollm2-135m{a.tag}.json").write_text(
         json.dumps({**meta, "rows": out_rows}, indent=2, default=str))
     print(f"base ppl {base_ppl:.3f}; dense checkpoint {dense_mb:.1f} MB")
     cols = [("tool", "tool"), ("name", "row"), ("sparsity", "sparsity"), ("ppl", "ppl"), ("delta_ppl", "Δppl"),

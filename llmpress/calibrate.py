@@ -621,8 +621,16 @@ def _compress_block(block: nn.Module, bp: str, todo: dict[str, tuple[Step, ...]]
 
 def _drop(model: nn.Module, st: DropBlocksStep | ShrinkStep, tokens: torch.Tensor | None, batch_size: int,
           progress: bool, report: CompressionReport) -> None:
-    from llmpress.prune.structured import _heads, channel_scores, choose_blocks, drop_blocks, shrink
+    from llmpress.prune.structured import _heads, channel_scores, choose_blocks, drop_blocks, merge_kv_heads, shrink
 
+    if isinstance(st, ShrinkStep) and st.method == "merge_kv":
+        ts = time.perf_counter()
+        try:
+            info = merge_kv_heads(model, st.kv_heads)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        report.structure.append(dict(step=st.describe(), removed=[], seconds=time.perf_counter() - ts, **info))
+        return
     if isinstance(st, ShrinkStep):
         if tokens is None:
             raise ValueError(f"{st.describe()} measures channel importance on calibration data; pass calib=")
@@ -654,6 +662,36 @@ def _drop(model: nn.Module, st: DropBlocksStep | ShrinkStep, tokens: torch.Tenso
                                  seconds=time.perf_counter() - ts, **info))
 
 
+def _owl(model: nn.Module, layers: dict[str, tuple[Step, ...]], tokens: torch.Tensor | None, batch_size: int,
+         progress: bool, report: CompressionReport) -> dict[str, tuple[Step, ...]]:
+    """Replace OWL pruning steps by per-block sparsities measured on the dense model."""
+    import dataclasses
+
+    from llmpress.prune.structured import owl_sparsities
+
+    keys = {(st.sparsity, st.owl_lambda, st.owl_m) for ss in layers.values() for st in ss
+            if isinstance(st, PruneStep) and st.owl}
+    if not keys:
+        return layers
+    if tokens is None:
+        raise ValueError("owl measures activation outliers on calibration data; pass calib=")
+    prefix = find_blocks(model)[0] + "."
+    per_key = {}
+    for k in sorted(keys):
+        ts = time.perf_counter()
+        per_key[k] = owl_sparsities(model, tokens, *k, batch_size=batch_size, progress=progress)
+        report.structure.append(dict(step=f"owl sparsity {k[0]:.0%} lambda {k[1]}", removed=[],
+                                     block_sparsity=[round(x, 4) for x in per_key[k]],
+                                     seconds=time.perf_counter() - ts))
+    out = {}
+    for name, ss in layers.items():
+        i = _block_index(name, prefix)
+        out[name] = tuple(
+            dataclasses.replace(st, sparsity=per_key[(st.sparsity, st.owl_lambda, st.owl_m)][i], owl=False)
+            if isinstance(st, PruneStep) and st.owl and i is not None else st for st in ss)
+    return out
+
+
 def run(
     model: nn.Module,
     recipe: Recipe,
@@ -680,6 +718,7 @@ def run(
         return report
     recipe = layer_recipe
     layers = plan(model, recipe)
+    layers = _owl(model, layers, tokens, batch_size, progress, report)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     if device.type == "cuda":

@@ -99,10 +99,10 @@ def _compress(a: argparse.Namespace) -> dict:
     calib = lp.data.calibration(a.calib, a.n_samples, a.seqlen)
     rep = lp.compress(model, r, calib, device=a.device, batch_size=a.batch_size)
     for s in rep.structure:
-        if "blocks_before" in s:
-            print(f"{s['step']}: removed blocks {s['removed']} ({s['blocks_before']} -> {s['blocks_after']} blocks)")
-        else:
-            print(f"{s['step']}: intermediate size {s['intermediate_size']}, heads (q, kv) {s['heads']}")
+        shown = {"removed blocks": s.get("removed") or None, "blocks": s.get("blocks_after"),
+                 "intermediate size": s.get("intermediate_size"), "heads (q, kv)": s.get("heads"),
+                 "kv heads": s.get("kv_heads_after"), "block sparsity": s.get("block_sparsity")}
+        print(f"{s['step']}: " + ", ".join(f"{k} {v}" for k, v in shown.items() if v is not None))
     lp.save(model, out, overwrite=a.overwrite)
     log.info("compressed %d layers in %.1f s (peak RSS %.0f MB) -> %s", len(rep.layers), rep.seconds, rep.peak_rss_mb, out)
     result = {"recipe": r.to_dict(), "output": str(out), "compression": rep.to_dict()}

@@ -173,7 +173,7 @@ class QuantStep(_Targeted):
         self.act_scheme()
         if self.method not in METHODS:
             raise RecipeError(f"method={self.method!r} is not allowed; allowed: "
-                              f"{list(METHODS + PRUNE_METHODS + LOWRANK_METHODS + ('drop_blocks', 'shrink'))}")
+                              f"{list(METHODS + PRUNE_METHODS + LOWRANK_METHODS + ('drop_blocks', 'shrink', 'merge_kv'))}")
         _check_targets(self)
         if self.observer not in OBSERVERS:
             raise RecipeError(f"observer={self.observer!r} is not allowed; allowed: {list(OBSERVERS)}")
@@ -245,6 +245,9 @@ class PruneStep(_Targeted):
     damp: float = 0.01  # sparsegpt
     block_size: int = 128  # sparsegpt
     joint: bool = False  # sparsegpt: quantize in the same sweep (with the next quantization step's grid)
+    owl: bool = False  # unstructured: per-block sparsity from activation outliers (OWL), same average
+    owl_lambda: float = 0.08  # OWL: sparsities spread over [sparsity - lambda, sparsity + lambda]
+    owl_m: float = 5.0  # OWL: a score is an outlier above m x the block's mean score
 
     def __post_init__(self) -> None:
         if self.method not in PRUNE_METHODS:
@@ -253,6 +256,13 @@ class PruneStep(_Targeted):
             raise RecipeError(f"joint={self.joint!r} is not allowed; allowed: true or false")
         if self.joint and self.method != "sparsegpt":
             raise RecipeError("joint (sparse + quantized in one solve) is for method 'sparsegpt'")
+        if not isinstance(self.owl, bool):
+            raise RecipeError(f"owl={self.owl!r} is not allowed; allowed: true or false")
+        if self.owl and self.pattern != "unstructured":
+            raise RecipeError("owl varies the sparsity per block; it applies to pattern 'unstructured', not N:M")
+        if self.owl and not (0 <= self.owl_lambda < min(self.sparsity, 1 - self.sparsity) + 1e-9) or self.owl_m <= 0:
+            raise RecipeError(f"owl_lambda={self.owl_lambda!r} must be in [0, min(sparsity, 1 - sparsity)) and "
+                              f"owl_m={self.owl_m!r} positive")
         self.pattern_()
         try:
             from llmpress.prune.sparsegpt import SparseGPTConfig
@@ -271,7 +281,7 @@ class PruneStep(_Targeted):
             raise RecipeError(str(e)) from None
 
     def describe(self) -> str:
-        return f"{self.method} {self.pattern_().describe()}" + (" joint" if self.joint else "")
+        return f"{self.method} {self.pattern_().describe()}" + (" joint" if self.joint else "") + (" owl" if self.owl else "")
 
 
 @dataclass(frozen=True)
@@ -355,10 +365,20 @@ class ShrinkStep:
     method: str = "shrink"
     mlp: float | None = None
     kv_groups: int | None = None
+    kv_heads: int | None = None  # method merge_kv: the key/value heads to keep (mean-pooled groups)
 
     def __post_init__(self) -> None:
-        if self.method != "shrink":
-            raise RecipeError(f"method={self.method!r} is not allowed here; use 'shrink'")
+        if self.method not in ("shrink", "merge_kv"):
+            raise RecipeError(f"method={self.method!r} is not allowed here; use 'shrink' or 'merge_kv'")
+        if self.method == "merge_kv":
+            if self.mlp is not None or self.kv_groups is not None:
+                raise RecipeError("merge_kv takes only kv_heads (use a separate shrink step for mlp / kv_groups)")
+            if isinstance(self.kv_heads, bool) or not isinstance(self.kv_heads, int) or self.kv_heads < 1:
+                raise RecipeError(f"kv_heads={self.kv_heads!r} is not allowed; allowed: a positive integer dividing "
+                                  "the model's key/value heads (1 = multi-query attention)")
+            return
+        if self.kv_heads is not None:
+            raise RecipeError("kv_heads belongs to method 'merge_kv'")
         if self.mlp is None and self.kv_groups is None:
             raise RecipeError("shrink needs 'mlp' (fraction of intermediate channels removed) and/or 'kv_groups' "
                               "(key/value head groups removed per layer)")
@@ -371,6 +391,8 @@ class ShrinkStep:
                               "key/value groups, so grouped-query attention stays consistent)")
 
     def describe(self) -> str:
+        if self.method == "merge_kv":
+            return f"merge kv heads -> {self.kv_heads}"
         parts = ([f"mlp -{self.mlp:.0%}"] if self.mlp else []) + ([f"-{self.kv_groups} kv groups"] if self.kv_groups else [])
         return "shrink " + ", ".join(parts)
 
@@ -426,7 +448,7 @@ class Recipe:
             cls_ = (PruneStep if s.get("method") in PRUNE_METHODS
                     else LowRankStep if s.get("method") in LOWRANK_METHODS
                     else DropBlocksStep if s.get("method") == "drop_blocks"
-                    else ShrinkStep if s.get("method") == "shrink" else QuantStep)
+                    else ShrinkStep if s.get("method") in ("shrink", "merge_kv") else QuantStep)
             extra = set(s) - _fields(cls_)
             if extra:
                 raise RecipeError(f"step {i}: unknown field(s) {sorted(extra)}; allowed: {sorted(_fields(cls_))}")

@@ -236,3 +236,83 @@ def shrink(model: nn.Module, mlp_keep: int | None, kv_keep: int | None, mlp_scor
         cfg.num_attention_heads = kv_keep * (h0 // kv0)
         cfg.num_key_value_heads = kv_keep
     return out
+
+
+# --- non-uniform per-block sparsity ---------------------------------------------------------
+
+@torch.no_grad()
+def owl_sparsities(model: nn.Module, tokens: torch.Tensor, sparsity: float, lam: float = 0.08, m: float = 5.0,
+                   batch_size: int = 8, progress: bool = False) -> list[float]:
+    """Outlier-weighed layerwise sparsity (OWL, Yin et al. 2023, arXiv:2310.05175): a block's
+    outlier ratio is the share of its Wanda scores ``|W| * ||x||`` above ``m`` times their mean;
+    ratios are mapped linearly to ``[-lam, lam]`` around the target, so blocks with more
+    outliers are pruned less and the average stays ``sparsity``."""
+    from llmpress.models import block_linears, linear_weight
+
+    _, blocks = find_blocks(model)
+    sq: dict[int, torch.Tensor] = {}
+    hooks = []
+    lins = [block_linears(b) for b in blocks]
+
+    def pre(mod, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()  # [B*S, K]
+        s = x.pow(2).sum(0)
+        sq[id(mod)] = s if id(mod) not in sq else sq[id(mod)] + s
+
+    for ls in lins:
+        for mod in ls.values():
+            hooks.append(mod.register_forward_pre_hook(pre))
+    dev = next(model.parameters()).device
+    try:
+        for s in tqdm(range(0, tokens.shape[0], batch_size), desc="OWL outliers", disable=not progress):
+            model(input_ids=tokens[s : s + batch_size].to(dev), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    ratios = []
+    for ls in lins:
+        scores = torch.cat([(linear_weight(mod).detach().float().abs() * sq[id(mod)].sqrt().unsqueeze(0)).flatten()
+                            for mod in ls.values() if id(mod) in sq])
+        ratios.append(float((scores > scores.mean() * m).float().mean()))
+    r = torch.tensor(ratios, dtype=torch.float64)
+    span = float(r.max() - r.min())
+    r = (r - r.min()) / span * lam * 2 if span > 0 else torch.zeros_like(r)
+    keep = r - r.mean() + (1 - sparsity)
+    return [float(min(max(1 - k, 0.0), 0.99)) for k in keep]
+
+
+# --- attention weight sharing -----------------------------------------------------------------
+
+@torch.no_grad()
+def merge_kv_heads(model: nn.Module, kv_heads: int) -> dict:
+    """Convert multi-head (or grouped-query) attention to ``kv_heads`` key/value heads by
+    mean-pooling the key and value projections of each group of adjacent KV heads (the
+    conversion of Ainslie et al. 2023, arXiv:2305.13245, GQA). Query heads are unchanged; the
+    KV cache shrinks by ``old / kv_heads``. In place; config.json follows."""
+    cfg = model.config
+    h, kv, d = _heads(cfg)
+    if not 0 < kv_heads < kv or kv % kv_heads:
+        raise ValueError(f"kv_heads={kv_heads} must divide the current {kv} key/value heads and be smaller; "
+                         f"allowed: {[x for x in range(1, kv) if kv % x == 0]}")
+    f = kv // kv_heads
+    _, blocks = find_blocks(model)
+    for i, b in enumerate(blocks):
+        attn, _ = _block_parts(b)
+        if None in attn.values():
+            raise ValueError(f"block {i}: no q/k/v/o projections found; KV merging supports Llama-style attention")
+        for k in ("k", "v"):
+            lin = attn[k]
+            w = lin.weight.detach().reshape(kv_heads, f, d, -1).mean(1).reshape(kv_heads * d, -1)
+            lin.weight = nn.Parameter(w.clone(), requires_grad=False)
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(lin.bias.detach().reshape(kv_heads, f, d).mean(1).reshape(-1).clone(),
+                                        requires_grad=False)
+            lin.out_features = kv_heads * d
+        sa = b.self_attn
+        if hasattr(sa, "num_key_value_groups"):
+            sa.num_key_value_groups = h // kv_heads
+        if hasattr(sa, "num_key_value_heads"):
+            sa.num_key_value_heads = kv_heads
+    cfg.head_dim = d
+    cfg.num_key_value_heads = kv_heads
+    return {"kv_heads_before": kv, "kv_heads_after": kv_heads}

@@ -105,3 +105,18 @@ def test_pruning_the_tied_head_leaves_the_embedding_intact():
     lp.compress(m, lp.Recipe.from_dict({"steps": [{"method": "magnitude", "ignore": []}]}), progress=False)
     assert torch.equal(m.get_input_embeddings().weight, emb)
     assert (m.lm_head.weight == 0).float().mean() > 0.49
+
+
+def test_owl_varies_block_sparsity_around_the_target():
+    m = tiny_model()
+    with torch.no_grad():  # block 1 gets strong outliers: OWL must prune it less
+        m.model.layers[1].mlp.down_proj.weight[:, :4] *= 30
+    rep = lp.compress(m, lp.Recipe.from_dict({"steps": [{"method": "wanda", "sparsity": 0.5, "owl": True,
+                                                         "owl_lambda": 0.1}]}), correlated_tokens(8, 32),
+                      progress=False)
+    per_block = rep.structure[0]["block_sparsity"]
+    assert abs(sum(per_block) / 2 - 0.5) < 1e-6 and per_block[1] < per_block[0]
+    got = {x["name"].split(".")[2]: x["sparsity"] for x in rep.layers}
+    assert abs(got["1"] - per_block[1]) < 0.01 and abs(got["0"] - per_block[0]) < 0.01
+    with pytest.raises(RecipeError, match="not N:M"):
+        lp.Recipe.from_dict({"steps": [{"method": "wanda", "pattern": "2:4", "owl": True}]})

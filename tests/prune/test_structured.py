@@ -137,3 +137,36 @@ def test_shrink_keeps_important_channels():
 def test_bad_shrink(step, msg):
     with pytest.raises(RecipeError, match=msg):
         lp.compress(_deep(), lp.Recipe.from_dict({"steps": [step]}), correlated_tokens(2, 16), progress=False)
+
+
+def test_merge_kv_heads_to_gqa_and_mqa(tmp_path):
+    """Multi-head attention whose paired KV heads are equal converts to GQA without change;
+    real heads merge by mean pooling; transformers loads the result."""
+    from transformers import AutoModelForCausalLM
+
+    m = _deep("llama", identity=())
+    m.config.num_key_value_heads = 4
+    m2 = type(m)(m.config).eval()  # multi-head: 4 query and 4 key/value heads
+    with torch.no_grad():
+        for p in m2.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+        for b in m2.model.layers:
+            for lin in (b.self_attn.k_proj, b.self_attn.v_proj):
+                w = lin.weight.reshape(2, 2, 16, -1)
+                w[:, 1] = w[:, 0]  # heads 2g and 2g+1 identical
+    ids = correlated_tokens(2, 16, seed=2)
+    with torch.no_grad():
+        before = m2(ids).logits
+    lp.compress(m2, lp.Recipe.from_dict({"steps": [{"method": "merge_kv", "kv_heads": 2}]}), progress=False)
+    assert m2.config.num_key_value_heads == 2 and m2.model.layers[0].self_attn.k_proj.weight.shape == (32, 64)
+    with torch.no_grad():
+        assert torch.allclose(m2(ids).logits, before, atol=1e-5)
+    lp.compress(m2, lp.Recipe.from_dict({"steps": [{"method": "merge_kv", "kv_heads": 1}]}), progress=False)
+    lp.save(m2, tmp_path / "o")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32).eval()
+    assert hf.config.num_key_value_heads == 1
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, m2(ids).logits)
+    with pytest.raises(RecipeError, match="must divide"):
+        lp.compress(_deep(), lp.Recipe.from_dict({"steps": [{"method": "merge_kv", "kv_heads": 3}]}), progress=False)
