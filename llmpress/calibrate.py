@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress import fold
+from llmpress.lowrank.svd import LowRankWeight, asvd, rank_for, svd
 from llmpress.models import (
     _is_linear,
     block_linears,
@@ -28,7 +29,6 @@ from llmpress.models import (
     linear_weight,
     set_submodule,
 )
-from llmpress.lowrank.svd import LowRankWeight, asvd, rank_for, svd
 from llmpress.nn import CodebookLinear, CompressedLinear, LowRankLinear, QuantLinear
 from llmpress.prune.masks import SparseWeight, magnitude, wanda
 from llmpress.prune.sparsegpt import SparseGPTConfig, sparsegpt
@@ -47,15 +47,14 @@ from llmpress.quant.rtn import rtn
 from llmpress.quant.smoothquant import smooth_scale
 from llmpress.recipe import (
     MODEL_STEPS,
-    DropBlocksStep,
     LowRankStep,
     PruneStep,
     QuantStep,
     Recipe,
     RecipeError,
-    ShrinkStep,
     Step,
 )
+from llmpress.stats import STATS
 
 log = logging.getLogger(__name__)
 
@@ -114,97 +113,6 @@ SOLVERS: dict[str, tuple[Callable[..., Weight], tuple[str, ...]]] = {
     "svd": (_solve_svd, ()),
     "asvd": (_solve_asvd, ("hessian",)),
 }
-
-
-# --- statistics collected by forward hooks ------------------------------------------------
-
-class _HessianStat:
-    """Running ``H = 2/n sum x x^T`` over the rows of a linear layer's input."""
-
-    def __init__(self, k: int, device: torch.device) -> None:
-        self.h = torch.zeros(k, k, dtype=torch.float32, device=device)
-        self.n = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # [B, S, K] -> [B*S, K]
-        m = x.shape[0]
-        self.h.mul_(self.n / (self.n + m)).addmm_(x.t(), x, alpha=2.0 / (self.n + m))
-        self.n += m
-
-    def result(self) -> torch.Tensor:
-        return self.h
-
-
-class _AbsMeanStat:
-    """Running mean of ``|x|`` per input channel (AWQ's activation salience)."""
-
-    def __init__(self, k: int, device: torch.device) -> None:
-        self.s = torch.zeros(k, dtype=torch.float32, device=device)
-        self.n = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # [B, S, K] -> [B*S, K]
-        m = x.shape[0]
-        self.s.mul_(self.n / (self.n + m)).add_(x.abs().sum(0), alpha=1.0 / (self.n + m))
-        self.n += m
-
-    def result(self) -> torch.Tensor:
-        return self.s
-
-
-class _SqNormStat:
-    """Running mean of ``x^2`` per input channel (Wanda's squared activation norms)."""
-
-    def __init__(self, k: int, device: torch.device) -> None:
-        self.s = torch.zeros(k, dtype=torch.float32, device=device)
-        self.n = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # [B, S, K] -> [B*S, K]
-        m = x.shape[0]
-        self.s.mul_(self.n / (self.n + m)).add_(x.pow(2).sum(0), alpha=1.0 / (self.n + m))
-        self.n += m
-
-    def result(self) -> torch.Tensor:
-        return self.s
-
-
-class _AbsMaxStat:
-    """Largest ``|x|`` per input channel (SmoothQuant's outliers; static activation scales)."""
-
-    def __init__(self, k: int, device: torch.device) -> None:
-        self.m = torch.zeros(k, dtype=torch.float32, device=device)
-
-    def update(self, x: torch.Tensor) -> None:
-        torch.maximum(self.m, x.reshape(-1, x.shape[-1]).abs().amax(0).float(), out=self.m)
-
-    def result(self) -> torch.Tensor:
-        return self.m
-
-
-class _SampleStat:
-    """A fixed-seed subsample of input rows (up to ``cap``), for searches that need the
-    activations themselves (SmoothQuant's alpha: the error of quantized activations)."""
-
-    def __init__(self, k: int, device: torch.device, per_batch: int = 128, cap: int = 2048) -> None:
-        self.rows: list[torch.Tensor] = []
-        self.per_batch, self.cap, self.n = per_batch, cap, 0
-        self.g = torch.Generator().manual_seed(0)
-
-    def update(self, x: torch.Tensor) -> None:
-        if self.n >= self.cap:
-            return
-        x = x.reshape(-1, x.shape[-1])  # [B, S, K] -> [B*S, K]
-        idx = torch.randperm(x.shape[0], generator=self.g)[: min(self.per_batch, self.cap - self.n)]
-        self.rows.append(x[idx.to(x.device)].float())
-        self.n += idx.numel()
-
-    def result(self) -> torch.Tensor:
-        return torch.cat(self.rows)
-
-
-STATS = {"hessian": _HessianStat, "absmean": _AbsMeanStat, "absmax": _AbsMaxStat, "xsample": _SampleStat,
-         "sqnorm": _SqNormStat}
 
 
 def needs(step: Step) -> tuple[str, ...]:
@@ -619,49 +527,6 @@ def _compress_block(block: nn.Module, bp: str, todo: dict[str, tuple[Step, ...]]
         _record(report, bp + ln, step, w, qw, new.describe(), ts)
 
 
-def _drop(model: nn.Module, st: DropBlocksStep | ShrinkStep, tokens: torch.Tensor | None, batch_size: int,
-          progress: bool, report: CompressionReport) -> None:
-    from llmpress.prune.structured import _heads, channel_scores, choose_blocks, drop_blocks, merge_kv_heads, shrink
-
-    if isinstance(st, ShrinkStep) and st.method == "merge_kv":
-        ts = time.perf_counter()
-        try:
-            info = merge_kv_heads(model, st.kv_heads)
-        except ValueError as e:
-            raise RecipeError(str(e)) from None
-        report.structure.append(dict(step=st.describe(), removed=[], seconds=time.perf_counter() - ts, **info))
-        return
-    if isinstance(st, ShrinkStep):
-        if tokens is None:
-            raise ValueError(f"{st.describe()} measures channel importance on calibration data; pass calib=")
-        cfg = model.config
-        h, kv, _ = _heads(cfg)
-        if st.kv_groups is not None and st.kv_groups >= kv:
-            raise RecipeError(f"kv_groups={st.kv_groups} would remove all {kv} key/value head groups; at most {kv - 1}")
-        inter = getattr(cfg, "intermediate_size", None)
-        if st.mlp is not None and not isinstance(inter, int):
-            raise RecipeError(f"{type(model).__name__} has no config.intermediate_size; MLP shrinking supports "
-                              "Llama-style gated MLPs")
-        ts = time.perf_counter()
-        mlp_s, head_s = channel_scores(model, tokens, batch_size, progress)
-        keep = None if st.mlp is None else max(1, round(inter * (1 - st.mlp)))
-        info = shrink(model, keep, None if st.kv_groups is None else kv - st.kv_groups, mlp_s, head_s)
-        report.structure.append(dict(step=st.describe(), removed=[], intermediate_size=getattr(cfg, "intermediate_size", None),
-                                     heads=(cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None)),
-                                     seconds=time.perf_counter() - ts, **info))
-        return
-
-    n = len(find_blocks(model)[1])
-    k = st.count(n)
-    if st.importance != "last" and tokens is None:
-        raise ValueError(f"{st.describe()} measures block importance on calibration data; pass calib=")
-    ts = time.perf_counter()
-    idx, info = choose_blocks(model, k, st.importance, tokens, batch_size, progress)
-    drop_blocks(model, idx)
-    report.structure.append(dict(step=st.describe(), removed=idx, blocks_before=n, blocks_after=n - k,
-                                 seconds=time.perf_counter() - ts, **info))
-
-
 def _owl(model: nn.Module, layers: dict[str, tuple[Step, ...]], tokens: torch.Tensor | None, batch_size: int,
          progress: bool, report: CompressionReport) -> dict[str, tuple[Step, ...]]:
     """Replace OWL pruning steps by per-block sparsities measured on the dense model."""
@@ -711,7 +576,9 @@ def run(
     if layer_recipe is not None and not shaping:
         plan(model, layer_recipe)  # fail on a bad recipe before any work
     for st in shaping:
-        _drop(model, st, tokens, batch_size, progress, report)
+        from llmpress.prune.structured import apply_model_step
+
+        report.structure.append(apply_model_step(model, st, tokens, batch_size, progress))
     if layer_recipe is None:
         report.seconds = time.perf_counter() - t0
         report.peak_rss_mb = peak_rss_mb()

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress.models import find_blocks
+
+if TYPE_CHECKING:
+    from llmpress.recipe import DropBlocksStep, ShrinkStep
 
 log = logging.getLogger(__name__)
 
@@ -316,3 +320,50 @@ def merge_kv_heads(model: nn.Module, kv_heads: int) -> dict:
     cfg.head_dim = d
     cfg.num_key_value_heads = kv_heads
     return {"kv_heads_before": kv, "kv_heads_after": kv_heads}
+
+
+# --- recipe steps -----------------------------------------------------------------------------
+
+def apply_model_step(model: nn.Module, st: DropBlocksStep | ShrinkStep, tokens: torch.Tensor | None,
+                     batch_size: int = 8, progress: bool = False) -> dict:
+    """Carry out a model-level recipe step (drop_blocks, shrink, merge_kv) in place; returns
+    what was done, for the compression report."""
+    import time
+
+    from llmpress.recipe import RecipeError, ShrinkStep
+
+    if isinstance(st, ShrinkStep) and st.method == "merge_kv":
+        ts = time.perf_counter()
+        try:
+            info = merge_kv_heads(model, st.kv_heads)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        return dict(step=st.describe(), removed=[], seconds=time.perf_counter() - ts, **info)
+    if isinstance(st, ShrinkStep):
+        if tokens is None:
+            raise ValueError(f"{st.describe()} measures channel importance on calibration data; pass calib=")
+        cfg = model.config
+        h, kv, _ = _heads(cfg)
+        if st.kv_groups is not None and st.kv_groups >= kv:
+            raise RecipeError(f"kv_groups={st.kv_groups} would remove all {kv} key/value head groups; at most {kv - 1}")
+        inter = getattr(cfg, "intermediate_size", None)
+        if st.mlp is not None and not isinstance(inter, int):
+            raise RecipeError(f"{type(model).__name__} has no config.intermediate_size; MLP shrinking supports "
+                              "Llama-style gated MLPs")
+        ts = time.perf_counter()
+        mlp_s, head_s = channel_scores(model, tokens, batch_size, progress)
+        keep = None if st.mlp is None else max(1, round(inter * (1 - st.mlp)))
+        info = shrink(model, keep, None if st.kv_groups is None else kv - st.kv_groups, mlp_s, head_s)
+        return dict(step=st.describe(), removed=[], intermediate_size=getattr(cfg, "intermediate_size", None),
+                    heads=(cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None)),
+                    seconds=time.perf_counter() - ts, **info)
+
+    n = len(find_blocks(model)[1])
+    k = st.count(n)
+    if st.importance != "last" and tokens is None:
+        raise ValueError(f"{st.describe()} measures block importance on calibration data; pass calib=")
+    ts = time.perf_counter()
+    idx, info = choose_blocks(model, k, st.importance, tokens, batch_size, progress)
+    drop_blocks(model, idx)
+    return dict(step=st.describe(), removed=idx, blocks_before=n, blocks_after=n - k,
+                seconds=time.perf_counter() - ts, **info)

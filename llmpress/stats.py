@@ -1,0 +1,96 @@
+"""Statistics the calibration pass collects with forward hooks, one class per kind. Each
+takes the layer input ``x`` [..., K] batch by batch (``update``) and returns the statistic
+(``result``). A method names the ones it needs in ``llmpress.calibrate.SOLVERS``."""
+
+from __future__ import annotations
+
+import torch
+
+
+class _HessianStat:
+    """Running ``H = 2/n sum x x^T`` over the rows of a linear layer's input."""
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.h = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [B, S, K] -> [B*S, K]
+        m = x.shape[0]
+        self.h.mul_(self.n / (self.n + m)).addmm_(x.t(), x, alpha=2.0 / (self.n + m))
+        self.n += m
+
+    def result(self) -> torch.Tensor:
+        return self.h
+
+
+class _AbsMeanStat:
+    """Running mean of ``|x|`` per input channel (AWQ's activation salience)."""
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.s = torch.zeros(k, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [B, S, K] -> [B*S, K]
+        m = x.shape[0]
+        self.s.mul_(self.n / (self.n + m)).add_(x.abs().sum(0), alpha=1.0 / (self.n + m))
+        self.n += m
+
+    def result(self) -> torch.Tensor:
+        return self.s
+
+
+class _SqNormStat:
+    """Running mean of ``x^2`` per input channel (Wanda's squared activation norms)."""
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.s = torch.zeros(k, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [B, S, K] -> [B*S, K]
+        m = x.shape[0]
+        self.s.mul_(self.n / (self.n + m)).add_(x.pow(2).sum(0), alpha=1.0 / (self.n + m))
+        self.n += m
+
+    def result(self) -> torch.Tensor:
+        return self.s
+
+
+class _AbsMaxStat:
+    """Largest ``|x|`` per input channel (SmoothQuant's outliers; static activation scales)."""
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.m = torch.zeros(k, dtype=torch.float32, device=device)
+
+    def update(self, x: torch.Tensor) -> None:
+        torch.maximum(self.m, x.reshape(-1, x.shape[-1]).abs().amax(0).float(), out=self.m)
+
+    def result(self) -> torch.Tensor:
+        return self.m
+
+
+class _SampleStat:
+    """A fixed-seed subsample of input rows (up to ``cap``), for searches that need the
+    activations themselves (SmoothQuant's alpha: the error of quantized activations)."""
+
+    def __init__(self, k: int, device: torch.device, per_batch: int = 128, cap: int = 2048) -> None:
+        self.rows: list[torch.Tensor] = []
+        self.per_batch, self.cap, self.n = per_batch, cap, 0
+        self.g = torch.Generator().manual_seed(0)
+
+    def update(self, x: torch.Tensor) -> None:
+        if self.n >= self.cap:
+            return
+        x = x.reshape(-1, x.shape[-1])  # [B, S, K] -> [B*S, K]
+        idx = torch.randperm(x.shape[0], generator=self.g)[: min(self.per_batch, self.cap - self.n)]
+        self.rows.append(x[idx.to(x.device)].float())
+        self.n += idx.numel()
+
+    def result(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
+STATS = {"hessian": _HessianStat, "absmean": _AbsMeanStat, "absmax": _AbsMaxStat, "xsample": _SampleStat,
+         "sqnorm": _SqNormStat}
