@@ -48,7 +48,9 @@ def recipes():
         "lc-fp8-dynamic": ("fp8", 8, [QuantizationModifier(
             config_groups=cg(_w(8, typ="float", strategy="channel"), tok_fp8), ignore=["lm_head"])]),
         # pruning (bench/prune.py): unstructured 50% and 2:4, saved dense
-        **{f"lc-{m}-{tag}": (m, 32, [cls(sparsity=0.5, mask_structure=ms, ignore=["lm_head"])])
+        # ignore needs the regex: the pruning modifiers name a targeted Linear "lm_head." and would
+        # otherwise prune the (tied) head and embedding
+        **{f"lc-{m}-{tag}": (m, 32, [cls(sparsity=0.5, mask_structure=ms, ignore=["re:.*lm_head"])])
            for m, cls in (("sparsegpt", SparseGPTModifier), ("wanda", WandaPruningModifier))
            for tag, ms in (("50", "0:0"), ("2of4", "2:4"))},
     }

@@ -12,4 +12,4 @@ import llmpress as lp; from safetensors.torch import save_file
 m = lp.load('smollm2-135m'); t = lp.data.Calibration('wiki', n_samples=64, seqlen=512).tokens(m.llmpress_tokenizer)
 save_file({'tokens': t.contiguous()}, '$OUT/calib.safetensors')"
 "$LC_PY" bench/peers/llmcompressor_run.py "$OUT/lc" "$OUT/calib.safetensors" lc-sparsegpt-50,lc-wanda-50,lc-sparsegpt-2of4,lc-wanda-2of4
-.venv/bin/python bench/prune.py --peers "$OUT"
+.venv/bin/python bench/prune.py --peers "$OUT" "${@:2}"
