@@ -24,38 +24,35 @@ class _HessianStat:
         return self.h
 
 
-class _AbsMeanStat:
+class _ChannelMeanStat:
+    """Running mean of ``fn(x)`` per input channel."""
+
+    fn = staticmethod(torch.abs)
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.s = torch.zeros(k, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [B, S, K] -> [B*S, K]
+        m = x.shape[0]
+        self.s.mul_(self.n / (self.n + m)).add_(self.fn(x).sum(0), alpha=1.0 / (self.n + m))
+        self.n += m
+
+    def result(self) -> torch.Tensor:
+        return self.s
+
+
+class _AbsMeanStat(_ChannelMeanStat):
     """Running mean of ``|x|`` per input channel (AWQ's activation salience)."""
 
-    def __init__(self, k: int, device: torch.device) -> None:
-        self.s = torch.zeros(k, dtype=torch.float32, device=device)
-        self.n = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # [B, S, K] -> [B*S, K]
-        m = x.shape[0]
-        self.s.mul_(self.n / (self.n + m)).add_(x.abs().sum(0), alpha=1.0 / (self.n + m))
-        self.n += m
-
-    def result(self) -> torch.Tensor:
-        return self.s
+    fn = staticmethod(torch.abs)
 
 
-class _SqNormStat:
+class _SqNormStat(_ChannelMeanStat):
     """Running mean of ``x^2`` per input channel (Wanda's squared activation norms)."""
 
-    def __init__(self, k: int, device: torch.device) -> None:
-        self.s = torch.zeros(k, dtype=torch.float32, device=device)
-        self.n = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # [B, S, K] -> [B*S, K]
-        m = x.shape[0]
-        self.s.mul_(self.n / (self.n + m)).add_(x.pow(2).sum(0), alpha=1.0 / (self.n + m))
-        self.n += m
-
-    def result(self) -> torch.Tensor:
-        return self.s
+    fn = staticmethod(torch.square)
 
 
 class _AbsMaxStat:

@@ -37,6 +37,20 @@ def _hidden(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _forward_all(model: nn.Module, tokens: torch.Tensor, batch_size: int, hooks: list, desc: str, progress: bool,
+                 after_batch=None) -> None:
+    """Run ``model`` over ``tokens`` in batches (no KV cache), then remove ``hooks``."""
+    dev = next(model.parameters()).device
+    try:
+        for s in tqdm(range(0, tokens.shape[0], batch_size), desc=desc, disable=not progress):
+            model(input_ids=tokens[s : s + batch_size].to(dev), use_cache=False)
+            if after_batch is not None:
+                after_batch()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def block_distances(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, span: int = 1,
                     progress: bool = False) -> torch.Tensor:
@@ -58,20 +72,17 @@ def block_distances(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
         hooks.append(b.register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(b.register_forward_hook(post))
     total = torch.zeros(n - span + 1, dtype=torch.float64)
-    count = 0
-    dev = next(model.parameters()).device
-    try:
-        for s in tqdm(range(0, tokens.shape[0], batch_size), desc="block distances", disable=not progress):
-            model(input_ids=tokens[s : s + batch_size].to(dev), use_cache=False)
-            for i in range(n - span + 1):
-                a, b = states[i].float(), states[i + span].float()
-                cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1)  # [B, S]
-                total[i] += (torch.arccos(cos) / math.pi).double().sum().item()
-            count += states[0].shape[0] * states[0].shape[1]
-    finally:
-        for h in hooks:
-            h.remove()
-    return (total / max(count, 1)).float()
+    count = [0]
+
+    def accumulate() -> None:
+        for i in range(n - span + 1):
+            a, b = states[i].float(), states[i + span].float()
+            cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1)  # [B, S]
+            total[i] += (torch.arccos(cos) / math.pi).double().sum().item()
+        count[0] += states[0].shape[0] * states[0].shape[1]
+
+    _forward_all(model, tokens, batch_size, hooks, "block distances", progress, accumulate)
+    return (total / max(count[0], 1)).float()
 
 
 def choose_blocks(model: nn.Module, n_drop: int, importance: str = "angular", tokens: torch.Tensor | None = None,
@@ -158,13 +169,7 @@ def channel_scores(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, 
             hooks.append(attn["o"].register_forward_pre_hook(acc(sq_o, i)))
         if mlp["down"] is not None:
             hooks.append(mlp["down"].register_forward_pre_hook(acc(sq_d, i)))
-    dev = next(model.parameters()).device
-    try:
-        for s in tqdm(range(0, tokens.shape[0], batch_size), desc="channel importance", disable=not progress):
-            model(input_ids=tokens[s : s + batch_size].to(dev), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_all(model, tokens, batch_size, hooks, "channel importance", progress)
     mlp_scores, head_scores = [], []
     for i, b in enumerate(blocks):
         attn, mlp = _block_parts(b)
@@ -266,13 +271,7 @@ def owl_sparsities(model: nn.Module, tokens: torch.Tensor, sparsity: float, lam:
     for ls in lins:
         for mod in ls.values():
             hooks.append(mod.register_forward_pre_hook(pre))
-    dev = next(model.parameters()).device
-    try:
-        for s in tqdm(range(0, tokens.shape[0], batch_size), desc="OWL outliers", disable=not progress):
-            model(input_ids=tokens[s : s + batch_size].to(dev), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_all(model, tokens, batch_size, hooks, "OWL outliers", progress)
     ratios = []
     for ls in lins:
         scores = torch.cat([(linear_weight(mod).detach().float().abs() * sq[id(mod)].sqrt().unsqueeze(0)).flatten()
