@@ -1,4 +1,4 @@
-"""Command line: ``llmpress compress | eval | export | info``. Parsing and printing only."""
+"""Command line: ``llmpress compress | eval | export | info | generate | bench-speed``. Parsing and printing only."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ EXAMPLES = """examples:
   llmpress eval out/w4 --base smollm2-135m --json eval.json
   llmpress export out/w4 --format gguf:q8_0 -o out/w4-q8_0.gguf
   llmpress info smollm2-135m
+  llmpress generate out/w4 -p "The capital of France is" -n 32
+  llmpress bench-speed out/w4 --device cuda --baseline
 
 presets: w8a16, w4a16-rtn, w3a16-rtn, w4a16-gptq, w3a16-gptq, w8a16-gptq (group size 128
 unless --group-size; -1 = per channel). MODEL is a local HF directory (safetensors), a .gguf
@@ -73,10 +75,128 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--json", help="write the export summary as JSON to this file")
     x.add_argument("--trust-remote-code", action="store_true")
 
+    gen = sub.add_parser("generate", help="generate text with the static-cache / CUDA-graph runtime",
+                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen.add_argument("model")
+    gen.add_argument("-p", "--prompt", required=True)
+    gen.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--draft", help="draft model for speculative decoding (same tokenizer; greedy only)")
+    gen.add_argument("--spec-k", type=int, default=4, help="tokens the draft proposes per step")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _runtime_args(gen)
+
+    bs = sub.add_parser("bench-speed", help="prefill / decode tokens/s, time to first token, peak GPU memory",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bs.add_argument("model")
+    bs.add_argument("--prompt-len", type=int, default=128)
+    bs.add_argument("--new-tokens", type=int, default=128)
+    bs.add_argument("--repeats", type=int, default=3)
+    bs.add_argument("--baseline", action="store_true", help="also time transformers' eager generate")
+    bs.add_argument("--json", help="write results as JSON to this file")
+    _runtime_args(bs)
+
     i = sub.add_parser("info", help="architecture, blocks, linear layers and quantization of a model")
     i.add_argument("model")
     i.add_argument("--trust-remote-code", action="store_true")
     return p
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="activation / dense-weight dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly")
+    p.add_argument("--max-len", type=int, default=None, help="static KV cache length (default: what the run needs)")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _load_for_runtime(a: argparse.Namespace, src: str):
+    import torch
+
+    import llmpress as lp
+
+    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {dev}: no CUDA GPU is available here (use --device cpu)")
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    return lp.load(src, dtype=dtype, device=dev, trust_remote_code=a.trust_remote_code)
+
+
+def _generate(a: argparse.Namespace) -> dict:
+    from llmpress.runtime import Runtime, SpeculativeRuntime
+
+    model = _load_for_runtime(a, a.model)
+    tok = model.llmpress_tokenizer
+    if a.chat:
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"{a.model}: the tokenizer has no chat template; drop --chat")
+        text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = a.prompt
+    ids = tok(text, return_tensors="pt").input_ids
+    max_len = a.max_len or ids.shape[1] + a.max_new_tokens
+    eos = tok.eos_token_id
+    if a.draft:
+        if a.temperature > 0:
+            raise ValueError("speculative decoding here is greedy only; drop --temperature")
+        rt = SpeculativeRuntime(model, _load_for_runtime(a, a.draft), k=a.spec_k, max_len=max_len,
+                                cuda_graph=not a.no_cuda_graph)
+        out, st = rt.generate(ids, a.max_new_tokens, eos_token_id=eos)
+    else:
+        rt = Runtime(model, max_len=max_len, cuda_graph=not a.no_cuda_graph)
+        out, st = rt.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                              eos_token_id=eos, seed=a.seed)
+    completion = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    print(completion)
+    print(f"-- {st.new_tokens + 1} tokens, prefill {st.prefill_tps:.1f} tok/s, decode {st.decode_tps:.1f} tok/s"
+          + (f", {st.accepted_per_step:.2f} tokens per target step" if st.accepted_per_step else ""), file=sys.stderr)
+    return {"completion": completion, **st.as_dict()}
+
+
+def _bench_speed(a: argparse.Namespace) -> dict:
+    import statistics
+
+    import torch
+
+    from llmpress.runtime import Runtime
+
+    model = _load_for_runtime(a, a.model)
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, a.prompt_len), generator=g)
+    rt = Runtime(model, max_len=a.max_len or a.prompt_len + a.new_tokens, cuda_graph=not a.no_cuda_graph)
+    rt.generate(ids, min(a.new_tokens, 8))  # warm-up: graph capture, kernel autotuning
+    runs = [rt.generate(ids, a.new_tokens)[1] for _ in range(a.repeats)]
+    med = (lambda f: statistics.median(f(r) for r in runs))  # noqa: E731
+    res = {"model": a.model, "device": str(dev), "dtype": str(next(model.parameters()).dtype),
+           "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "cuda_graph": rt.cuda_graph,
+           "prefill_tokens_per_s": med(lambda r: r.prefill_tps), "decode_tokens_per_s": med(lambda r: r.decode_tps),
+           "ttft_ms": med(lambda r: r.ttft_s * 1e3), "peak_mem_mb": runs[-1].peak_mem_mb}
+    rows = [("llmpress runtime", res["prefill_tokens_per_s"], res["decode_tokens_per_s"], res["ttft_ms"])]
+    if a.baseline:
+        times = []
+        with torch.inference_mode():
+            for _ in range(a.repeats):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                model.generate(ids.to(dev), max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                times.append(time.perf_counter() - t0)
+        res["baseline_eager_tokens_per_s"] = a.new_tokens / statistics.median(times)
+        res["speedup_vs_eager"] = res["decode_tokens_per_s"] / res["baseline_eager_tokens_per_s"]
+        rows.append(("transformers eager generate (whole call)", float("nan"), res["baseline_eager_tokens_per_s"], float("nan")))
+    print(f"{'runtime':42s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'TTFT ms':>9s}")
+    for name, pf, dc, tt in rows:
+        print(f"{name:42s} {pf:14.1f} {dc:13.1f} {tt:9.1f}")
+    if res["peak_mem_mb"] is not None:
+        print(f"peak GPU memory {res['peak_mem_mb']:.0f} MB")
+    return res
 
 
 def _row(name: str, r, extra: dict | None = None, base_ppl: float | None = None) -> dict:
@@ -193,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     t0 = time.perf_counter()
     try:
-        result = {"compress": _compress, "eval": _eval, "export": _export, "info": _info}[a.cmd](a)
+        result = {"compress": _compress, "eval": _eval, "export": _export, "info": _info,
+                  "generate": _generate, "bench-speed": _bench_speed}[a.cmd](a)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as ex:
         print(f"llmpress {a.cmd}: error: {ex}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmpress import kernels
 from llmpress.lowrank.svd import LowRankWeight
 from llmpress.quant.act import ActScheme, fake_quant
 from llmpress.quant.nf4 import CodebookWeight
@@ -33,6 +34,10 @@ class CompressedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda or x.dtype == torch.bfloat16:
+            y = kernels.linear(self, x)
+            if y is not None:
+                return y
         if self.act is not None:
             x = fake_quant(x, self.act, self.input_scale)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

@@ -62,6 +62,7 @@ def _dynamic_code(max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tens
 def _blockwise(a: torch.Tensor, cb: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices into the code book ``cb`` and absmax per block for the flat tensor ``a``."""
     a = a.reshape(-1).float()
+    cb = cb.to(a.device)
     n = a.numel()
     full = n - n % blocksize
     blocks = a[:full].reshape(-1, blocksize)  # [n / bs, bs]
@@ -74,13 +75,13 @@ def _blockwise(a: torch.Tensor, cb: torch.Tensor, blocksize: int) -> tuple[torch
     order = torch.argsort(cb)
     srt = cb[order]
     idx = torch.bucketize(scaled, (srt[:-1] + srt[1:]) / 2, out_int32=True)  # nearest; a midpoint goes down
-    if torch.equal(order, torch.arange(len(cb))):  # a sorted code book (NF4, the dynamic code)
+    if torch.equal(order, torch.arange(len(cb), device=cb.device)):  # a sorted code book (NF4, the dynamic code)
         return idx.to(torch.uint8), absmax
     return order.to(torch.uint8)[idx], absmax
 
 
 def _deblockwise(idx: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, blocksize: int) -> torch.Tensor:
-    v = cb[idx.reshape(-1).int()]
+    v = cb.to(idx.device)[idx.reshape(-1).int()]
     n = v.numel()
     full = n - n % blocksize
     out = torch.empty_like(v)

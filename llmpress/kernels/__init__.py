@@ -1,0 +1,118 @@
+"""Fast paths behind the compressed linears' forward, each with the pure-torch reference it is
+tested against.
+
+``LLMPRESS_KERNELS`` picks: ``auto`` (default: the Triton kernel for weight-only integer and
+code-book weights on a CUDA device, the reference elsewhere), ``reference`` (always dequantize
+then matmul), ``triton`` (like auto, but a layer the kernel cannot take raises instead of
+falling back). A layer the kernel cannot take (FP8 values, groups along the output dimension,
+groups smaller than 16, activations quantized too) runs the reference with one warning per
+reason; a kernel never gives a wrong result silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from llmpress.kernels.layout import PackedWeight, UnsupportedLayout, pack, reference_matmul
+
+log = logging.getLogger(__name__)
+MODES = ("auto", "reference", "triton")
+_warned: set[str] = set()
+
+
+def mode() -> str:
+    m = os.environ.get("LLMPRESS_KERNELS", "auto")
+    if m not in MODES:
+        raise ValueError(f"LLMPRESS_KERNELS={m!r}; allowed: {MODES}")
+    return m
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("llmpress kernels: %s; using the reference path (dequantize, then matmul)", reason)
+
+
+def check_supported(p: PackedWeight) -> None:
+    """Raise :class:`UnsupportedLayout` for a packed weight the Triton kernel cannot tile."""
+    from llmpress.kernels.triton_wa16 import supported_group
+
+    if not supported_group(p.bits, p.group_size, p.k):
+        raise UnsupportedLayout(f"group size {p.group_size} with {p.bits}-bit codes: the kernel takes "
+                                "multiples of 16 (of 32 for 8-bit codes)")
+
+
+def packed_for(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> PackedWeight:
+    """The module's weight in the kernel layout on ``device`` with scales in ``dtype``, built on
+    first use and kept on the module (not in its state dict)."""
+    key = (str(device), dtype)
+    cache = module.__dict__.setdefault("_kernel_cache", {})
+    if key not in cache:
+        p = pack(module.qweight.to(device), dtype)
+        check_supported(p)
+        cache.clear()  # one layout per module: moving devices or dtypes drops the old one
+        cache[key] = p
+    return cache[key]
+
+
+def _cpu_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    from llmpress.kernels import cpu
+    from llmpress.quant.primitives import QuantizedWeight
+
+    cache = module.__dict__.setdefault("_kernel_cache", {})
+    key = ("cpu", x.dtype)
+    if key not in cache:
+        try:
+            qw = module.qweight
+            if not isinstance(qw, QuantizedWeight) or getattr(module, "act", None) is not None:
+                raise UnsupportedLayout("not a weight-only integer layer")
+            cache.clear()
+            cache[key] = cpu.pack_cpu(qw, x.dtype)
+        except UnsupportedLayout:
+            cache[key] = None
+    p = cache[key]
+    return None if p is None else cpu.matmul(x, p, module.bias)
+
+
+def linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """y = module(x) through a kernel, or None where the reference path must run. On the CPU,
+    bf16 inputs to int4 / int8 layers go through PyTorch's CPU kernels (float32 inputs keep
+    the reference: those kernels are slower than a dense float32 matmul there)."""
+    m = mode()
+    if m == "reference":
+        return None
+    if not x.is_cuda:
+        return _cpu_linear(module, x) if x.device.type == "cpu" and x.dtype == torch.bfloat16 else None
+    if getattr(module, "act", None) is not None:
+        reason = "activation quantization (W8A8) has no Triton kernel here"
+    elif not triton_available():
+        reason = "triton is not installed"
+    else:
+        try:
+            p = packed_for(module, x.device, x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32)
+        except UnsupportedLayout as e:
+            reason = str(e)
+        else:
+            from llmpress.kernels.triton_wa16 import matmul
+
+            return matmul(x, p, module.bias)
+    if m == "triton":
+        raise UnsupportedLayout(f"{type(module).__name__}: {reason} (LLMPRESS_KERNELS=triton)")
+    _warn_once(reason)
+    return None
+
+
+__all__ = ["PackedWeight", "UnsupportedLayout", "pack", "reference_matmul", "linear", "mode", "check_supported"]

@@ -1,0 +1,375 @@
+"""Triton kernel for weight-only quantized matmuls (W2/W3/W4/W8 A16 and NF4/FP4): y = x Wᵀ + b
+with W in :class:`~llmpress.kernels.layout.PackedWeight`'s layout, dequantized in registers.
+
+One row (decode at batch 1) goes to a GEMV kernel (``_gemv_kernel``, below); more rows to a
+tensor-core kernel for decode batches and prefill. Each of its programs computes a [BLOCK_M, BLOCK_N] tile of y over
+a share of K: per step it reads BLOCK_K / per_word packed words per column (one coalesced row of
+int32 across the tile's columns), unpacks them with shifts, applies the group's scale and zero
+point (or looks the code up in the code book) and multiplies on the tensor cores (``tl.dot``;
+rows past M are masked, so the weight is read once for all rows).
+
+Decode shapes have too few column tiles to fill the GPU, so K is split over SPLIT_K programs.
+Their partial sums go into a float32 workspace by atomic adds; the last program to finish a
+tile (an arrival counter per tile) reads the sum back atomically, resets the workspace to
+zero for the next call, adds the bias and writes y in the input dtype.
+One launch per matmul: no zero-fill and no cast kernels around it. Configurations are
+autotuned per (N, K, group, bits, M bucket).
+
+Runs under ``TRITON_INTERPRET=1`` on the CPU too (slowly), which is how CI tests the kernel
+itself against :func:`~llmpress.kernels.layout.reference_matmul`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from llmpress.kernels.layout import PAD_K, PackedWeight
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _codes_f32(u):
+    """Small non-negative int32 codes as float32 without a (slow) int-to-float conversion: OR
+    them into the mantissa of 2^23 and subtract 2^23 (exact below 2^23)."""
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _wa16_kernel(
+    X, QW, S, Z, LUT, B, O, WS, CNT,
+    M, N, K, GS,
+    stride_xm, stride_om, stride_qn, stride_sn,
+    BITS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_w = tl.arange(0, BLOCK_K // PER)
+    shifts = tl.arange(0, PER) * BITS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+        p = tl.load(QW + offs_n[None, :] * stride_qn + (k0 // PER + offs_w)[:, None], mask=n_ok[None, :], other=0)
+        u = (p[:, None, :] >> shifts[None, :, None]) & MASK  # [BLOCK_K / PER, PER, BLOCK_N]
+        u = tl.reshape(u, (BLOCK_K, BLOCK_N))
+        g = k0 // GS  # BLOCK_K divides the group: one scale row per step
+        s = tl.load(S + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        if HAS_LUT:
+            w = tl.load(LUT + u) * s[None, :]
+        else:
+            z = tl.load(Z + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+            w = (_codes_f32(u) - z[None, :]) * s[None, :]
+        if FP32_DOT:
+            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+    o_ptr = O + offs_m[:, None] * stride_om + offs_n[None, :]
+    o_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=o_mask)
+    else:
+        ws_ptr = WS + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptr, acc, mask=o_mask)
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(CNT + tile, 1)  # acq_rel: the partial sums above are visible first
+        if arrived == SPLIT_K - 1:  # the last program of this tile writes the result
+            zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            total = tl.atomic_add(ws_ptr, zero, mask=o_mask)  # read at L2, where the atomics landed
+            tl.store(ws_ptr, zero, mask=o_mask)  # and leave the workspace zeroed
+            if HAS_BIAS:
+                total += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(o_ptr, total.to(O.dtype.element_ty), mask=o_mask)
+            tl.atomic_xchg(CNT + tile, 0)
+
+
+@triton.jit
+def _gemv_kernel(
+    X, QW, S, Z, LUT, B, O, WS, CNT,
+    N, K, GS,
+    stride_qn, stride_sn,
+    BITS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GSB: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """M = 1: each column's words are contiguous along K, so a thread reads vectors of one
+    column and reduces in-thread. The step's BLOCK_K codes split into NG = BLOCK_K / GSB slices
+    of one group each; integer codes are summed against x first and scaled once per slice:
+    s * (Σ x·u − z · Σ x)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    NG: tl.constexpr = BLOCK_K // GSB
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_w = tl.arange(0, BLOCK_K // PER)
+    shifts = tl.arange(0, PER) * BITS
+    offs_g = tl.arange(0, NG)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        p = tl.load(QW + offs_n[:, None] * stride_qn + (k0 // PER + offs_w)[None, :], mask=n_ok[:, None], other=0)
+        u = (p[:, :, None] >> shifts[None, None, :]) & MASK  # [BLOCK_N, BLOCK_K / PER, PER]
+        u = tl.reshape(u, (BLOCK_N, NG, GSB))
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.reshape(tl.load(X + offs_k, mask=offs_k < K, other=0.0).to(tl.float32), (NG, GSB))
+        kg = k0 + offs_g * GSB  # first k of each slice
+        sm = n_ok[:, None] & (kg[None, :] < K)
+        s = tl.load(S + offs_n[:, None] * stride_sn + (kg // GS)[None, :], mask=sm, other=0.0).to(tl.float32)
+        # codes to values through a table: the code book, or 0..2^bits-1 for integers (measured
+        # 2x faster on an H100 than converting the integers arithmetically here)
+        part = tl.sum(tl.load(LUT + u) * x[None, :, :], axis=2)  # [BLOCK_N, NG]
+        if HAS_LUT:
+            acc += tl.sum(s * part, axis=1)
+        else:
+            z = tl.load(Z + offs_n[:, None] * stride_sn + (kg // GS)[None, :], mask=sm, other=0.0).to(tl.float32)
+            xs = tl.sum(x, axis=1)
+            acc += tl.sum(s * (part - z * xs[None, :]), axis=1)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(O + offs_n, acc.to(O.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(WS + offs_n, acc, mask=n_ok)
+        arrived = tl.atomic_add(CNT + pid_n, 1)  # acq_rel: the partial sums above are visible first
+        if arrived == SPLIT_K - 1:
+            zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            total = tl.atomic_add(WS + offs_n, zero, mask=n_ok)
+            tl.store(WS + offs_n, zero, mask=n_ok)
+            if HAS_BIAS:
+                total += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(O + offs_n, total.to(O.dtype.element_ty), mask=n_ok)
+            tl.atomic_xchg(CNT + pid_n, 0)
+
+
+@triton.jit
+def _dequant_kernel(
+    QW, S, Z, LUT, W, N, K, GS, stride_qn, stride_sn,
+    BITS: tl.constexpr, HAS_LUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """W [N, K] in the output dtype from the packed layout (prefill: then one cuBLAS matmul)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = pid_k * BLOCK_K
+    offs_w = tl.arange(0, BLOCK_K // PER)
+    shifts = tl.arange(0, PER) * BITS
+    n_ok = offs_n < N
+    p = tl.load(QW + offs_n[:, None] * stride_qn + (k0 // PER + offs_w)[None, :], mask=n_ok[:, None], other=0)
+    u = tl.reshape((p[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K))
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    ok = n_ok[:, None] & (offs_k[None, :] < K)
+    g = offs_k // GS
+    s = tl.load(S + offs_n[:, None] * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_LUT:
+        w = tl.load(LUT + u) * s
+    else:
+        z = tl.load(Z + offs_n[:, None] * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        w = (_codes_f32(u) - z) * s
+    tl.store(W + offs_n[:, None] * K + offs_k[None, :], w.to(W.dtype.element_ty), mask=ok)
+
+
+def dequantize(p: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The [N, K] weight in ``dtype`` (one kernel; prefill multiplies it with cuBLAS)."""
+    w = torch.empty(p.n, p.k, device=p.qw.device, dtype=dtype)
+    zero = p.zero if p.zero is not None else p.scale
+    lut = p.lut if p.lut is not None else p.scale
+    grid = (triton.cdiv(p.n, 32), triton.cdiv(p.k, 128))
+    _dequant_kernel[grid](p.qw, p.scale, zero, lut, w, p.n, p.k, p.group_size, p.qw.stride(0), p.scale.stride(0),
+                          BITS=p.bits, HAS_LUT=p.lut is not None, BLOCK_N=32, BLOCK_K=128, num_warps=4)
+    return w
+
+
+# rows from which dequantize-then-cuBLAS beats the fused kernel (H100 measurement: the fused
+# kernel falls behind bf16 cuBLAS past M = 16 and to 0.2x at M = 512)
+PREFILL_M = 64
+
+
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): split K for decode shapes, wide tiles
+# without split for prefill; BLOCK_K is cut to the group size where the group is smaller.
+_CONFIGS = [
+    (64, 128, 1, 4, 3), (64, 128, 4, 4, 3), (64, 128, 8, 4, 3), (128, 128, 1, 4, 3), (128, 128, 2, 4, 3),
+    (128, 128, 4, 4, 4), (256, 64, 1, 8, 3), (32, 128, 8, 4, 3), (64, 64, 16, 4, 4), (128, 64, 8, 4, 4),
+]
+
+
+def _bk_cap(gs: int, k: int) -> int:
+    return 128 if gs >= k else max(d for d in (16, 32, 64, 128) if gs % d == 0)
+
+
+def _prune(configs, named_args, **kwargs):
+    cap = _bk_cap(named_args["GS"], named_args["K"])
+    per = 32 // kwargs.get("BITS", named_args.get("BITS", 4))
+    seen, out = set(), []
+    for c in configs:
+        bk = min(c.kwargs["BLOCK_K"], cap)
+        key = (c.kwargs["BLOCK_N"], bk, c.kwargs["SPLIT_K"], c.num_warps, c.num_stages)
+        if bk >= 2 * per and key not in seen:
+            seen.add(key)
+            out.append(triton.Config({"BLOCK_N": key[0], "BLOCK_K": bk, "SPLIT_K": key[2]},
+                                     num_warps=key[3], num_stages=key[4]))
+    return out
+
+
+_AUTOTUNE = dict(
+    configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=st)
+             for n, k, s, w, st in _CONFIGS],
+    key=["N", "K", "GS", "BITS", "HAS_LUT", "BLOCK_M"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+try:  # shorter trials (ms): decode kernels run for microseconds
+    _tuned = triton.autotune(**_AUTOTUNE, warmup=5, rep=20)(_wa16_kernel)
+except TypeError:  # a Triton without these arguments
+    _tuned = triton.autotune(**_AUTOTUNE)(_wa16_kernel)
+
+# GEMV (M = 1): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
+_GEMV_CONFIGS = [
+    (32, 256, 1, 4, 3), (32, 256, 4, 4, 3), (64, 256, 2, 4, 3), (16, 512, 2, 4, 3), (32, 512, 2, 8, 3),
+    (16, 256, 4, 4, 3), (64, 128, 4, 4, 3), (32, 128, 8, 4, 3),
+]
+
+
+def _gsb(gs: int, k: int, bk: int) -> int | None:
+    """Slice length for a GEMV step of ``bk``: the step inside one group, or whole groups."""
+    if gs >= k or gs % bk == 0:
+        return bk
+    return gs if bk % gs == 0 else None
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    gs, k = named_args["GS"], named_args["K"]
+    out = []
+    for c in configs:
+        g = _gsb(gs, k, c.kwargs["BLOCK_K"])
+        if g is not None:
+            out.append(triton.Config({**c.kwargs, "GSB": g}, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
+
+
+_GEMV_AUTOTUNE = dict(
+    configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=st)
+             for n, k, s, w, st in _GEMV_CONFIGS],
+    key=["N", "K", "GS", "BITS", "HAS_LUT"],
+    prune_configs_by={"early_config_prune": _prune_gemv},
+)
+try:
+    _gemv_tuned = triton.autotune(**_GEMV_AUTOTUNE, warmup=5, rep=20)(_gemv_kernel)
+except TypeError:
+    _gemv_tuned = triton.autotune(**_GEMV_AUTOTUNE)(_gemv_kernel)
+
+
+def gemv_ok(group_size: int, k: int) -> bool:
+    return any(_gsb(group_size, k, bk) is not None for bk in (128, 256, 512))
+
+
+_WORKSPACES: dict = {}
+_TABLES: dict = {}
+
+
+def _int_table(bits: int, dev: torch.device) -> torch.Tensor:
+    key = (bits, str(dev))
+    if key not in _TABLES:
+        _TABLES[key] = torch.arange(1 << bits, dtype=torch.float32, device=dev)
+    return _TABLES[key]
+
+
+def _workspace(dev: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zeroed float32 workspace (>= m * n) and arrival counters for split-K, one pair per device;
+    the kernel leaves both zeroed again. Grows outside CUDA-graph capture only. Matmuls of one
+    device must not run concurrently on several streams (one decode stream is the use here)."""
+    key = str(dev)
+    ws, cnt = _WORKSPACES.get(key, (None, None))
+    tiles = triton.cdiv(n, 32) * triton.cdiv(m, 16)
+    if ws is None or ws.numel() < m * n or cnt.numel() < tiles:
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the split-K workspace must grow during CUDA-graph capture: run the step once "
+                               "before capturing it")
+        size = max(m * n, 0 if ws is None else ws.numel())
+        ws = torch.zeros(size, device=dev, dtype=torch.float32)
+        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), device=dev, dtype=torch.int32)
+        _WORKSPACES[key] = (ws, cnt)
+    return ws, cnt
+
+
+def _block_m(m: int) -> int:
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def supported_group(bits: int, group_size: int, k: int) -> bool:
+    """Whether the kernel tiles this group size (a step of BLOCK_K must stay inside one group)."""
+    if group_size >= k:
+        return True
+    per = 32 // bits
+    return any(group_size % d == 0 for d in (16, 32, 64, 128) if d >= 2 * per)
+
+
+def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
+           config: tuple[int, int, int, int, int] | None = None,
+           gemv_config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """y = x Wᵀ (+ bias) for x [..., K] in bf16 / fp16 / fp32 on the weight's device; y in x's dtype.
+    One row goes to the GEMV kernel, more rows to the tensor-core kernel. ``config`` /
+    ``gemv_config`` (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) skip autotuning (one of them is
+    required under the interpreter, which cannot time); a ``config`` alone sends M = 1 to the
+    tensor-core kernel too."""
+    if x.shape[-1] != p.k:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {p.k}")
+    if not supported_group(p.bits, p.group_size, p.k):
+        raise ValueError(f"group size {p.group_size} with {p.bits}-bit codes is not tiled by the kernel")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, p.k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, p.n, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out.reshape(*lead, p.n)
+    if m > PREFILL_M and config is None:
+        y = torch.nn.functional.linear(x2, dequantize(p, x.dtype), bias)
+        return y.reshape(*lead, p.n)
+    bm = _block_m(m)
+    ws, cnt = _workspace(x.device, m, p.n)
+    lut = p.lut if p.lut is not None else p.scale  # placeholders for unused pointers
+    zero = p.zero if p.zero is not None else p.scale
+    b = bias if bias is not None else p.scale
+    if m == 1 and gemv_ok(p.group_size, p.k) and (gemv_config is not None or config is None):
+        table = p.lut if p.lut is not None else _int_table(p.bits, x.device)
+        gargs = (x2, p.qw, p.scale, zero, table, b, out, ws, cnt, p.n, p.k, p.group_size, p.qw.stride(0), p.scale.stride(0))
+        gconsts = dict(BITS=p.bits, HAS_LUT=p.lut is not None, HAS_BIAS=bias is not None)
+        if gemv_config is None and not INTERPRET:
+            grid = lambda meta: (triton.cdiv(p.n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+            _gemv_tuned[grid](*gargs, **gconsts)
+        else:
+            bn, bk, sk, warps, stages = gemv_config or (32, 128, 2, 4, 2)
+            gsb = _gsb(p.group_size, p.k, bk)
+            _gemv_kernel[(triton.cdiv(p.n, bn), sk)](*gargs, **gconsts, BLOCK_N=bn, BLOCK_K=bk, GSB=gsb, SPLIT_K=sk,
+                                                     num_warps=warps, num_stages=stages)
+        return out.reshape(*lead, p.n)
+    args = (x2, p.qw, p.scale, zero, lut, b, out, ws, cnt, m, p.n, p.k, p.group_size, x2.stride(0), out.stride(0),
+            p.qw.stride(0), p.scale.stride(0))
+    consts = dict(BITS=p.bits, HAS_LUT=p.lut is not None, HAS_BIAS=bias is not None,
+                  FP32_DOT=x.dtype == torch.float32, BLOCK_M=bm)
+    if config is None and not INTERPRET:
+        grid = lambda meta: (triton.cdiv(p.n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, bm))  # noqa: E731
+        _tuned[grid](*args, **consts)
+    else:
+        bn, bk, sk, warps, stages = config or (64, 64, 2, 4, 2)
+        bk = min(bk, _bk_cap(p.group_size, p.k), PAD_K)
+        grid = (triton.cdiv(p.n, bn), sk, triton.cdiv(m, bm))
+        _wa16_kernel[grid](*args, **consts, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=warps, num_stages=stages)
+    return out.reshape(*lead, p.n)

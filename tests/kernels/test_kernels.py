@@ -1,0 +1,162 @@
+"""The kernels' layout, its reference matmul, the CPU kernels, the dispatcher, and the Triton
+kernel itself through Triton's CPU interpreter (a subprocess with TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmpress import kernels
+from llmpress.kernels import cpu, layout
+from llmpress.nn import CodebookLinear, QuantLinear
+from llmpress.quant import nf4
+from llmpress.quant.primitives import QuantizedWeight, QuantScheme, compute_qparams, quantize
+
+SCHEMES = [
+    QuantScheme(4, True, "group", 64), QuantScheme(4, False, "group", 128), QuantScheme(4, False, "group", 32),
+    QuantScheme(8, True, "channel"), QuantScheme(8, False, "group", 64), QuantScheme(3, False, "group", 64),
+    QuantScheme(2, False, "group", 32), QuantScheme(4, True, "tensor"),
+]
+
+
+def _qw(n: int, k: int, scheme: QuantScheme, seed: int = 0) -> QuantizedWeight:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    s, z = compute_qparams(w, scheme)
+    return QuantizedWeight(quantize(w, s, z, scheme), s, z, scheme)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+def test_layout_roundtrip_and_reference(scheme):
+    qw = _qw(72, 256, scheme)
+    p = layout.pack(qw, torch.float32)
+    assert p.qw.dtype == torch.int32 and p.qw.shape[0] == 72 and p.qw.shape[1] * p.per_word % layout.PAD_K == 0
+    torch.testing.assert_close(layout.dequantize(p), qw.dequantize(), rtol=0, atol=1e-6)
+    x = torch.randn(5, 256)
+    b = torch.randn(72)
+    torch.testing.assert_close(layout.reference_matmul(x, p, b), F.linear(x, qw.dequantize(), b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_layout_codebook(qt):
+    cw = nf4.quantize_4bit(torch.randn(48, 128), qt, 64, True)
+    p = layout.pack(cw, torch.float32)
+    assert p.lut is not None and p.group_size == 64
+    torch.testing.assert_close(layout.dequantize(p), cw.dequantize().float(), rtol=0, atol=1e-6)
+
+
+def test_layout_unsupported():
+    w = torch.randn(32, 64)
+    fp8 = QuantScheme(8, True, "channel", type="float")
+    s, _ = compute_qparams(w, fp8)
+    with pytest.raises(layout.UnsupportedLayout, match="integer"):
+        layout.pack(QuantizedWeight(quantize(w, s, None, fp8), s, None, fp8))
+    ax0 = QuantScheme(4, False, "group", 16, group_axis=0)
+    s, z = compute_qparams(w, ax0)
+    with pytest.raises(layout.UnsupportedLayout, match="output dimension"):
+        layout.pack(QuantizedWeight(quantize(w, s, z, ax0), s, z, ax0))
+    p = layout.pack(_qw(16, 64, QuantScheme(8, False, "group", 8)))
+    with pytest.raises(layout.UnsupportedLayout, match="group size 8"):
+        kernels.check_supported(p)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, True, "group", 64), QuantScheme(4, False, "group", 32),
+                                    QuantScheme(3, False, "group", 128), QuantScheme(8, True, "channel")],
+                         ids=lambda s: s.describe())
+def test_cpu_kernels_match_reference(scheme):
+    qw = _qw(96, 256, scheme, seed=1)
+    p = cpu.pack_cpu(qw, torch.bfloat16)
+    x = torch.randn(7, 256).bfloat16()
+    b = torch.randn(96)
+    ref = F.linear(x.float(), qw.dequantize(), b)
+    y = cpu.matmul(x, p, b)
+    assert y.dtype == torch.bfloat16
+    err = float((y.float() - ref).norm() / ref.norm())
+    assert err < 1e-2, err
+
+
+def test_cpu_kernel_rejects():
+    with pytest.raises(layout.UnsupportedLayout):
+        cpu.pack_cpu(_qw(32, 64, QuantScheme(8, False, "group", 32)))
+
+
+def test_dispatch_cpu_bf16_and_modes(monkeypatch):
+    qw = _qw(64, 128, QuantScheme(4, False, "group", 32), seed=2)
+    lin = QuantLinear(qw, bias=torch.randn(64))
+    x = torch.randn(3, 128).bfloat16()
+    ref = F.linear(x.float(), qw.dequantize(), lin.bias.float())
+    monkeypatch.setenv("LLMPRESS_KERNELS", "auto")
+    y = lin(x)
+    assert "_kernel_cache" in lin.__dict__ and lin._kernel_cache[("cpu", torch.bfloat16)] is not None
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    assert "_kernel_cache" not in lin.state_dict()
+    monkeypatch.setenv("LLMPRESS_KERNELS", "reference")
+    assert kernels.linear(lin, x) is None
+    monkeypatch.setenv("LLMPRESS_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="LLMPRESS_KERNELS"):
+        lin(x)
+    # float32 inputs and code-book layers stay on the reference path on the CPU
+    monkeypatch.setenv("LLMPRESS_KERNELS", "auto")
+    assert kernels.linear(lin, x.float()) is None
+    cl = CodebookLinear(nf4.quantize_4bit(torch.randn(32, 128), "nf4", 64, True))
+    assert kernels.linear(cl, x) is None
+    torch.testing.assert_close(cl(x.float()), F.linear(x.float(), cl.weight.float()))
+
+
+_INTERP = textwrap.dedent("""
+    import os, sys, torch
+    os.environ["TRITON_INTERPRET"] = "1"
+    from llmpress.kernels import layout
+    from llmpress.kernels.triton_wa16 import dequantize, matmul
+    from llmpress.quant import nf4
+    from llmpress.quant.primitives import QuantizedWeight, QuantScheme, compute_qparams, quantize
+    g = torch.Generator().manual_seed(int(sys.argv[1]))
+    cases = [(QuantScheme(4, True, "group", 64), 96, 256), (QuantScheme(4, False, "group", 128), 100, 384),
+             (QuantScheme(4, False, "group", 32), 40, 160), (QuantScheme(8, True, "channel"), 72, 200),
+             (QuantScheme(8, False, "group", 64), 33, 192), (QuantScheme(3, False, "group", 32), 64, 256),
+             (QuantScheme(2, False, "group", 32), 24, 128), (QuantScheme(4, False, "group", 256), 40, 512),
+             ("nf4", 80, 256), ("fp4", 48, 128)]
+    worst = 0.0
+    for sch, n, k in cases:
+        w = torch.randn(n, k, generator=g)
+        if isinstance(sch, str):
+            q = nf4.quantize_4bit(w, sch, 64, True)
+            W = q.dequantize().float()
+        else:
+            s, z = compute_qparams(w, sch)
+            q = QuantizedWeight(quantize(w, s, z, sch), s, z, sch)
+            W = q.dequantize()
+        for dt in (torch.float32, torch.float16):
+            p = layout.pack(q, dt)
+            for m, cfg, gcfg in ((1, None, (32, 128, 2, 4, 2)), (1, None, (16, 256, 1, 4, 2)), (1, (32, 64, 2, 4, 2), None),
+                                 (5, (64, 32, 1, 4, 2), None), (19, (32, 128, 3, 4, 2), None), (70, (16, 64, 3, 4, 2), None),
+                                 (9, None, None), (100, None, None)):
+                x = torch.randn(m, k, generator=g)
+                b = torch.randn(n, generator=g)
+                y = matmul(x.to(dt), p, b.to(dt), config=cfg, gemv_config=gcfg)
+                assert y.dtype == dt and y.shape == (m, n)
+                ref = x.to(dt).float() @ W.t() + b.to(dt).float()
+                err = float((y.float() - ref).norm() / ref.norm())
+                tol = 1e-5 if dt == torch.float32 else 3e-3
+                assert err < tol, (sch, n, k, m, dt, err)
+                worst = max(worst, err)
+        p32 = layout.pack(q, torch.float32)
+        assert torch.equal(dequantize(p32, torch.float32), layout.dequantize(p32))  # the prefill path's weight
+    from llmpress.kernels.triton_wa16 import _WORKSPACES
+    for ws, cnt in _WORKSPACES.values():  # split-K leaves its workspace and counters zeroed
+        assert not ws.any() and not cnt.any()
+    print("OK", worst)
+""")
+
+
+def test_triton_kernel_interpreted():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", _INTERP, "7"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
