@@ -108,10 +108,12 @@ def check(dev, n_cases: int = 40, seed: int = 0) -> list[dict]:
         x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
         b = torch.randn(n, generator=g).to(dev, torch.bfloat16) if i % 2 else None
         ref = layout.reference_matmul(x.double().float(), layout.pack(q, torch.float32).to(dev), None if b is None else b.float())
-        from llmpress.kernels.triton_wa16 import _CONFIGS, _GEMV_CONFIGS
+        from llmpress.kernels.triton_wa16 import _CONFIGS, _GEMV_CONFIGS, _GEMV_DEFER
+
+        gemv_all = _GEMV_CONFIGS + [c + (True,) for c in _GEMV_DEFER]
 
         fixed = i % 4 != 0  # fixed configurations (each must be right), and the autotuned choice
-        gcfg = _GEMV_CONFIGS[i % len(_GEMV_CONFIGS)] if fixed and m == 1 and i % 2 else None
+        gcfg = gemv_all[i % len(gemv_all)] if fixed and m == 1 and i % 2 else None
         cfg = _CONFIGS[i % len(_CONFIGS)] if fixed and gcfg is None else None
         y = matmul(x, p, b, config=cfg, gemv_config=gcfg)
         err = float(((y.float() - ref).norm() / ref.norm()).item())
@@ -210,8 +212,13 @@ def gpu(args) -> dict:
                       f"{r['speedup_vs_bf16']:6.2f}x", flush=True)
             if args.partial:
                 Path(args.partial).write_text(json.dumps({"copy_ceiling_tb_s": ceil / 1e12, "checks": checks, "rows": rows}))
+    from llmpress.kernels import triton_wa16 as tw
+
+    chosen = {f"{name} {k}": str(v) for name, t in (("gemv", tw._gemv_tuned), ("mma", tw._tuned))
+              for k, v in getattr(t, "cache", {}).items()}
+    print("autotuned:", json.dumps(chosen, indent=0)[:3000])
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_ceiling_tb_s": ceil / 1e12,
-            "checks": checks, "rows": rows}
+            "checks": checks, "rows": rows, "autotuned": chosen}
 
 
 def cpu(args) -> dict:

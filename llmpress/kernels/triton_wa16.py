@@ -105,11 +105,13 @@ def _gemv_kernel(
     stride_qn, stride_sn,
     BITS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GSB: tl.constexpr, SPLIT_K: tl.constexpr,
+    DEFER: tl.constexpr = False,
 ):
     """M = 1: each column's words are contiguous along K, so a thread reads vectors of one
     column and reduces in-thread. The step's BLOCK_K codes split into NG = BLOCK_K / GSB slices
     of one group each; integer codes are summed against x first and scaled once per slice:
-    s * (Σ x·u − z · Σ x)."""
+    s * (Σ x·u − z · Σ x). With DEFER the scaled products accumulate element-wise and are
+    reduced once at the end instead (no cross-thread reduction per step); the autotuner picks."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
@@ -121,6 +123,7 @@ def _gemv_kernel(
     shifts = tl.arange(0, PER) * BITS
     offs_g = tl.arange(0, NG)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, NG, GSB), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         p = tl.load(QW + offs_n[:, None] * stride_qn + (k0 // PER + offs_w)[None, :], mask=n_ok[:, None], other=0)
         u = (p[:, :, None] >> shifts[None, None, :]) & MASK  # [BLOCK_N, BLOCK_K / PER, PER]
@@ -132,13 +135,23 @@ def _gemv_kernel(
         s = tl.load(S + offs_n[:, None] * stride_sn + (kg // GS)[None, :], mask=sm, other=0.0).to(tl.float32)
         # codes to values through a table: the code book, or 0..2^bits-1 for integers (measured
         # 2x faster on an H100 than converting the integers arithmetically here)
-        part = tl.sum(tl.load(LUT + u) * x[None, :, :], axis=2)  # [BLOCK_N, NG]
-        if HAS_LUT:
-            acc += tl.sum(s * part, axis=1)
+        vals = tl.load(LUT + u)
+        if DEFER:
+            if HAS_LUT:
+                acc2 += vals * s[:, :, None] * x[None, :, :]
+            else:
+                z = tl.load(Z + offs_n[:, None] * stride_sn + (kg // GS)[None, :], mask=sm, other=0.0).to(tl.float32)
+                acc2 += (vals - z[:, :, None]) * s[:, :, None] * x[None, :, :]
         else:
-            z = tl.load(Z + offs_n[:, None] * stride_sn + (kg // GS)[None, :], mask=sm, other=0.0).to(tl.float32)
-            xs = tl.sum(x, axis=1)
-            acc += tl.sum(s * (part - z * xs[None, :]), axis=1)
+            part = tl.sum(vals * x[None, :, :], axis=2)  # [BLOCK_N, NG]
+            if HAS_LUT:
+                acc += tl.sum(s * part, axis=1)
+            else:
+                z = tl.load(Z + offs_n[:, None] * stride_sn + (kg // GS)[None, :], mask=sm, other=0.0).to(tl.float32)
+                xs = tl.sum(x, axis=1)
+                acc += tl.sum(s * (part - z * xs[None, :]), axis=1)
+    if DEFER:
+        acc += tl.sum(tl.sum(acc2, axis=2), axis=1)
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -243,6 +256,7 @@ _GEMV_CONFIGS = [
     (32, 256, 1, 4, 3), (32, 256, 4, 4, 3), (64, 256, 2, 4, 3), (16, 512, 2, 4, 3), (32, 512, 2, 8, 3),
     (16, 256, 4, 4, 3), (64, 128, 4, 4, 3), (32, 128, 8, 4, 3),
 ]
+_GEMV_DEFER = [(32, 256, 2, 4, 3), (16, 256, 4, 4, 3), (32, 128, 4, 4, 3), (64, 128, 2, 8, 3), (16, 512, 2, 8, 3)]
 
 
 def _gsb(gs: int, k: int, bk: int) -> int | None:
@@ -264,7 +278,9 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 _GEMV_AUTOTUNE = dict(
     configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=st)
-             for n, k, s, w, st in _GEMV_CONFIGS],
+             for n, k, s, w, st in _GEMV_CONFIGS]
+    + [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s, "DEFER": True}, num_warps=w, num_stages=st)
+       for n, k, s, w, st in _GEMV_DEFER],
     key=["N", "K", "GS", "BITS", "HAS_LUT"],
     prune_configs_by={"early_config_prune": _prune_gemv},
 )
@@ -355,10 +371,10 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
             grid = lambda meta: (triton.cdiv(p.n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
             _gemv_tuned[grid](*gargs, **gconsts)
         else:
-            bn, bk, sk, warps, stages = gemv_config or (32, 128, 2, 4, 2)
+            bn, bk, sk, warps, stages, *defer = gemv_config or (32, 128, 2, 4, 2)
             gsb = _gsb(p.group_size, p.k, bk)
             _gemv_kernel[(triton.cdiv(p.n, bn), sk)](*gargs, **gconsts, BLOCK_N=bn, BLOCK_K=bk, GSB=gsb, SPLIT_K=sk,
-                                                     num_warps=warps, num_stages=stages)
+                                                     DEFER=bool(defer and defer[0]), num_warps=warps, num_stages=stages)
         return out.reshape(*lead, p.n)
     args = (x2, p.qw, p.scale, zero, lut, b, out, ws, cnt, m, p.n, p.k, p.group_size, x2.stride(0), out.stride(0),
             p.qw.stride(0), p.scale.stride(0))
