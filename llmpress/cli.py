@@ -1,4 +1,4 @@
-"""Command line: ``llmpress compress | eval | export | info | generate | bench-speed``. Parsing and printing only."""
+"""Command line: ``llmpress compress | eval | export | info | recover | generate | bench-speed``. Parsing and printing only."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   llmpress eval out/w4 --base smollm2-135m --json eval.json
   llmpress export out/w4 --format gguf:q8_0 -o out/w4-q8_0.gguf
   llmpress info smollm2-135m
+  llmpress recover out/w4 --base smollm2-135m -o out/w4-adapter --steps 200 --eval
   llmpress generate out/w4 -p "The capital of France is" -n 32
   llmpress bench-speed out/w4 --device cuda --baseline
 
@@ -98,6 +99,32 @@ def _parser() -> argparse.ArgumentParser:
     bs.add_argument("--baseline", action="store_true", help="also time transformers' eager generate")
     bs.add_argument("--json", help="write results as JSON to this file")
     _runtime_args(bs)
+
+    rc = sub.add_parser("recover", help="LoRA / QLoRA recovery of a compressed model by distillation from the original",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rc.add_argument("model", help="the compressed model (stays frozen; adapters are trained on top)")
+    rc.add_argument("--base", required=True, help="the original model: the teacher")
+    rc.add_argument("-o", "--output", required=True, help="adapter directory (PEFT layout), or the merged model with --merge")
+    rc.add_argument("--merge", action="store_true", help="merge the adapters into dense weights and save the model")
+    rc.add_argument("--steps", type=int, default=100)
+    rc.add_argument("--lr", type=float, default=1e-3)
+    rc.add_argument("--rank", type=int, default=16)
+    rc.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")
+    rc.add_argument("--targets", help="comma-separated linear names to adapt (default: every linear in the blocks)")
+    rc.add_argument("--batch-size", type=int, default=4)
+    rc.add_argument("--grad-accum", type=int, default=1)
+    rc.add_argument("--seqlen", type=int, default=256)
+    rc.add_argument("--kd", default="forward", choices=["forward", "reverse", "none"])
+    rc.add_argument("--temperature", type=float, default=1.0)
+    rc.add_argument("--ce-weight", type=float, default=0.0, help="add the causal-LM loss with this weight")
+    rc.add_argument("--data", default="wiki", help="training text: corpus name (its calibration split) or .txt file")
+    rc.add_argument("--checkpoint", help="checkpoint directory (resumed from when it exists)")
+    rc.add_argument("--save-every", type=int, default=0)
+    rc.add_argument("--eval", action="store_true", help="perplexity and KL before and after (pinned protocol)")
+    rc.add_argument("--n-windows", type=int, default=24)
+    rc.add_argument("--overwrite", action="store_true")
+    rc.add_argument("--json", help="write the report as JSON to this file")
+    rc.add_argument("--trust-remote-code", action="store_true")
 
     i = sub.add_parser("info", help="architecture, blocks, linear layers and quantization of a model")
     i.add_argument("model")
@@ -242,6 +269,51 @@ def _compress(a: argparse.Namespace) -> dict:
     return result
 
 
+def _recover(a: argparse.Namespace) -> dict:
+    import llmpress as lp
+    from llmpress.data import tokenize
+    from llmpress.recover import RecoverConfig, add_lora, merge_lora, recover, save_adapter
+
+    out = Path(a.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.overwrite:
+        raise FileExistsError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    cfg = RecoverConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum, kd=a.kd,
+                        temperature=a.temperature, ce_weight=a.ce_weight, save_every=a.save_every,
+                        warmup=max(a.steps // 10, 1))
+    model = lp.load(a.model, trust_remote_code=a.trust_remote_code)
+    base = lp.load(a.base, trust_remote_code=a.trust_remote_code)
+    tok = model.llmpress_tokenizer
+    if Path(a.data).is_file():
+        ids = tokenize(tok, lp.data.text(a.data))
+    else:
+        ids = tokenize(tok, lp.data.text(a.data, "calib"))
+    n = ids.numel() // a.seqlen
+    if n < a.batch_size:
+        raise ValueError(f"{a.data}: {ids.numel()} tokens make {n} sequences of {a.seqlen}; need >= --batch-size")
+    tokens = ids[: n * a.seqlen].reshape(n, a.seqlen)
+    result: dict = {"config": cfg.__dict__, "train_sequences": n}
+    if a.eval:
+        result["before"] = lp.evaluate(model, base, n_windows=a.n_windows).to_dict()
+    add_lora(model, r=a.rank, alpha=a.alpha or 2.0 * a.rank, targets=a.targets.split(",") if a.targets else None)
+    rep = recover(model, tokens, base if a.kd != "none" else None, cfg, checkpoint_dir=a.checkpoint)
+    result.update(steps=rep.steps, first_loss=rep.losses[0] if rep.losses else None,
+                  last_loss=rep.losses[-1] if rep.losses else None, seconds=rep.seconds,
+                  tokens_per_s=rep.tokens_per_s, peak_rss_mb=rep.peak_rss_mb, resumed_from=rep.resumed_from)
+    if a.eval:
+        result["after"] = lp.evaluate(model, base, n_windows=a.n_windows).to_dict()
+    if a.merge:
+        merge_lora(model)
+        lp.save(model, out, overwrite=a.overwrite)
+    else:
+        save_adapter(model, out, base_model=a.base, overwrite=a.overwrite)
+    print(f"recovered {rep.steps} steps in {rep.seconds:.0f} s ({rep.tokens_per_s:.0f} tok/s), loss "
+          f"{result['first_loss']:.4f} -> {result['last_loss']:.4f}; wrote {out}")
+    if a.eval:
+        b, f = result["before"], result["after"]
+        print(f"ppl {b['ppl']:.3f} -> {f['ppl']:.3f}, KL {b['kl']:.4f} -> {f['kl']:.4f}")
+    return result
+
+
 def _eval(a: argparse.Namespace) -> dict:
     import llmpress as lp
     from llmpress.eval.report import QUALITY_COLUMNS, table
@@ -314,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         result = {"compress": _compress, "eval": _eval, "export": _export, "info": _info,
-                  "generate": _generate, "bench-speed": _bench_speed}[a.cmd](a)
+                  "generate": _generate, "bench-speed": _bench_speed, "recover": _recover}[a.cmd](a)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as ex:
         print(f"llmpress {a.cmd}: error: {ex}", file=sys.stderr)
         return 2

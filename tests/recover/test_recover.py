@@ -1,0 +1,177 @@
+"""LoRA / QLoRA recovery by distillation on tiny seeded models: it must actually recover, resume
+exactly, save adapters that peft loads with the same logits, and merge without changing them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import correlated_tokens, tiny_model
+from llmpress.nn import QuantLinear
+from llmpress.recover import RecoverConfig, add_lora, kd_loss, load_adapter, merge_lora, recover, save_adapter
+from llmpress.recover.lora import LoRALinear
+
+
+def _kl(teacher, student, ids) -> float:
+    with torch.no_grad():
+        return float(kd_loss(student(input_ids=ids).logits, teacher(input_ids=ids).logits))
+
+
+def _quantize_w3(model) -> None:
+    from llmpress.models import block_linears, find_blocks, set_submodule
+    from llmpress.quant.primitives import QuantizedWeight, QuantScheme, compute_qparams, quantize
+
+    sch = QuantScheme(3, False, "group", 32)
+    path, blocks = find_blocks(model)
+    for i, b in enumerate(blocks):
+        for n, m in block_linears(b).items():
+            s, z = compute_qparams(m.weight.data, sch)
+            set_submodule(model, f"{path}.{i}.{n}", QuantLinear(QuantizedWeight(quantize(m.weight.data, s, z, sch), s, z, sch), m.bias))
+
+
+def _prune_half(model) -> None:
+    from llmpress.models import block_linears, find_blocks
+
+    _, blocks = find_blocks(model)
+    with torch.no_grad():
+        for b in blocks:
+            for m in block_linears(b).values():
+                w = m.weight
+                thr = w.abs().flatten().kthvalue(w.numel() // 2).values
+                w.mul_(w.abs() > thr)
+
+
+def test_lora_starts_as_identity_and_errors():
+    m = tiny_model("llama")
+    ids = correlated_tokens(2, 32)
+    ref = m(input_ids=ids).logits
+    names = add_lora(m, r=4, alpha=8)
+    assert len(names) == 14 and all(isinstance(m.get_submodule(n), LoRALinear) for n in names)
+    torch.testing.assert_close(m(input_ids=ids).logits, ref)
+    with pytest.raises(ValueError, match="teacher"):
+        recover(m, correlated_tokens(8, 32), teacher=None, cfg=RecoverConfig(steps=1), progress=False)
+    with pytest.raises(ValueError, match="add_lora"):
+        recover(tiny_model("llama"), correlated_tokens(8, 32), teacher=m, progress=False)
+    with pytest.raises(ValueError, match="kd="):
+        RecoverConfig(kd="sideways")
+    with pytest.raises(ValueError, match="no linear matched"):
+        add_lora(tiny_model("llama"), targets=["nope"])
+
+
+@pytest.mark.parametrize("damage", ["prune50", "w3"])
+def test_kd_lora_recovers_a_damaged_model(damage):
+    teacher = tiny_model("llama", seed=0)
+    student = copy.deepcopy(teacher)
+    (_prune_half if damage == "prune50" else _quantize_w3)(student)
+    train = correlated_tokens(32, 64, seed=1)
+    held = correlated_tokens(8, 64, seed=2)  # never trained on
+    before = _kl(teacher, student, held)
+    add_lora(student, r=8, alpha=16)
+    frozen = {n: t.clone() for n, t in student.state_dict().items() if "lora_" not in n}
+    rep = recover(student, train, teacher, RecoverConfig(steps=40, lr=3e-3, batch_size=8, warmup=2), progress=False)
+    after = _kl(teacher, student, held)
+    assert after < 0.6 * before, (before, after)
+    assert rep.losses[-1] < rep.losses[0] and rep.tokens_per_s > 0
+    for n, t in student.state_dict().items():  # the (quantized / pruned) base never moves
+        if "lora_" not in n:
+            assert torch.equal(t, frozen[n]), n
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    teacher = tiny_model("llama", seed=0)
+    tokens = correlated_tokens(16, 32, seed=3)
+    cfg = RecoverConfig(steps=8, lr=2e-3, batch_size=4, grad_accum=2, save_every=2, warmup=3)
+
+    def fresh():
+        s = copy.deepcopy(teacher)
+        _prune_half(s)
+        torch.manual_seed(0)
+        add_lora(s, r=4, alpha=8)
+        return s
+
+    a = fresh()
+    ra = recover(a, tokens, teacher, cfg, progress=False)
+    b = fresh()
+    ck = tmp_path / "ck"
+    rb1 = recover(b, tokens, teacher, cfg, checkpoint_dir=ck, progress=False, stop_after=5)  # "killed" after 5
+    assert rb1.steps == 5 and (ck / "state.json").exists()
+    c = fresh()  # a new process: fresh model, state from the checkpoint (saved at step 4)
+    rc = recover(c, tokens, teacher, cfg, checkpoint_dir=ck, progress=False)
+    assert rc.resumed_from == 4 and rc.steps == 8
+    assert rc.losses == pytest.approx(ra.losses, rel=1e-5, abs=1e-7)
+    for (n, p), (_, q) in zip(a.named_parameters(), c.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_peft_loads_our_adapter_with_same_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    base_dir = tmp_path / "base"
+    base = tiny_model("llama", seed=0)
+    base.save_pretrained(base_dir, safe_serialization=True)
+    m = copy.deepcopy(base)
+    add_lora(m, r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ids = correlated_tokens(2, 24)
+    ours = m(input_ids=ids).logits
+    out = save_adapter(m, tmp_path / "adapter", base_model=str(base_dir))
+    with pytest.raises(FileExistsError):
+        save_adapter(m, out)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(out))
+    torch.testing.assert_close(pm(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-5)
+    again = copy.deepcopy(base)
+    load_adapter(again, out)
+    torch.testing.assert_close(again(input_ids=ids).logits, ours)
+
+
+def test_merge_dense_pruned_and_quantized():
+    ids = correlated_tokens(2, 24)
+    for damage in ("none", "prune50", "w3"):
+        m = tiny_model("llama", seed=0)
+        if damage == "prune50":
+            _prune_half(m)
+        if damage == "w3":
+            _quantize_w3(m)
+        add_lora(m, r=4, alpha=8)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        ref = m(input_ids=ids).logits
+        merge_lora(m)
+        assert not any(isinstance(x, LoRALinear) for x in m.modules())
+        got = m(input_ids=ids).logits
+        if damage == "prune50":  # the update is masked to keep the zeros: sparsity survives, logits move a little
+            q = m.model.layers[0].self_attn.q_proj.weight
+            assert (q == 0).float().mean() >= 0.49
+            assert float((got - ref).norm() / ref.norm()) < 0.2
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_recover_adapter_and_merge(tmp_path, tiny_dir, text_file, capsys):
+    import json
+
+    import llmpress as lp
+    from llmpress.cli import main
+
+    comp = tmp_path / "w4"
+    assert main(["compress", str(tiny_dir), "-r", "w4a16-rtn", "-g", "32", "-o", str(comp)]) == 0
+    ad = tmp_path / "adapter"
+    j = tmp_path / "r.json"
+    assert main(["recover", str(comp), "--base", str(tiny_dir), "-o", str(ad), "--steps", "3", "--seqlen", "32",
+                 "--batch-size", "2", "--data", str(text_file), "--json", str(j)]) == 0
+    assert (ad / "adapter_config.json").exists() and (ad / "adapter_model.safetensors").exists()
+    r = json.loads(j.read_text())
+    assert r["steps"] == 3 and r["last_loss"] is not None
+    assert main(["recover", str(comp), "--base", str(tiny_dir), "-o", str(ad), "--steps", "1"]) == 2  # exists
+    assert "--overwrite" in capsys.readouterr().err
+    merged = tmp_path / "merged"
+    assert main(["recover", str(comp), "--base", str(tiny_dir), "-o", str(merged), "--steps", "2", "--seqlen", "32",
+                 "--batch-size", "2", "--data", str(text_file), "--merge"]) == 0
+    m = lp.load(merged)
+    assert m(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
