@@ -14,8 +14,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -109,15 +107,12 @@ def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 def save_adapter(model: nn.Module, out: str | os.PathLike, base_model: str | None = None,
                  overwrite: bool = False) -> Path:
     """Write the adapter in PEFT's layout, atomically (a temporary directory renamed into place)."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True)")
+    from llmpress.formats.compressed_tensors import atomic_dir
+
     cfg = getattr(model, "llmpress_lora", None)
     if cfg is None:
         raise ValueError("the model has no LoRA adapters (add_lora first)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         save_file(lora_state(model), str(tmp / "adapter_model.safetensors"))
         (tmp / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["alpha"],
@@ -125,13 +120,7 @@ def save_adapter(model: nn.Module, out: str | os.PathLike, base_model: str | Non
             "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
             "base_model_name_or_path": base_model or getattr(model.config, "_name_or_path", None),
         }, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def load_adapter(model: nn.Module, src: str | os.PathLike) -> list[str]:

@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import resource
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,14 +90,13 @@ def _batch(tokens: torch.Tensor, step: int, micro: int, cfg: RecoverConfig) -> t
 
 def _save_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float], d: Path,
                      cfg: RecoverConfig) -> None:
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=d.parent))
-    try:
+    from llmpress.formats.compressed_tensors import atomic_dir
+
+    with atomic_dir(d, overwrite=True) as tmp:
         save_file(lora_state(model), str(tmp / "adapter_model.safetensors"))
         opt_t, steps = {}, {}
         for i, p in enumerate(opt.param_groups[0]["params"]):
-            st = opt.state.get(p, {})
-            for k, v in st.items():
+            for k, v in opt.state.get(p, {}).items():
                 if k == "step":
                     steps[str(i)] = float(v)
                 else:
@@ -107,12 +104,6 @@ def _save_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, step: int, lo
         save_file(opt_t, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "opt_steps": steps,
                                                     "config": asdict(cfg)}))
-        if d.exists():
-            shutil.rmtree(d)
-        os.replace(tmp, d)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, d: Path) -> tuple[int, list[float]]:
