@@ -117,7 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("--kd", default="forward", choices=["forward", "reverse", "none"])
     rc.add_argument("--temperature", type=float, default=1.0)
     rc.add_argument("--ce-weight", type=float, default=0.0, help="add the causal-LM loss with this weight")
-    rc.add_argument("--data", default="wiki", help="training text: corpus name (its calibration split) or .txt file")
+    rc.add_argument("--data", default="wiki", help="training data: corpus name (its calibration split), .txt file, "
+                    "or .jsonl (alpaca instruction/input/output or chat messages; prompt tokens are not trained)")
+    rc.add_argument("--format", default="auto", choices=["auto", "alpaca", "chat"], help="JSONL record format")
+    rc.add_argument("--on-error", default="skip", choices=["skip", "raise"], help="malformed JSONL lines: skip (logged) or stop")
     rc.add_argument("--checkpoint", help="checkpoint directory (resumed from when it exists)")
     rc.add_argument("--save-every", type=int, default=0)
     rc.add_argument("--eval", action="store_true", help="perplexity and KL before and after (pinned protocol)")
@@ -283,19 +286,23 @@ def _recover(a: argparse.Namespace) -> dict:
     model = lp.load(a.model, trust_remote_code=a.trust_remote_code)
     base = lp.load(a.base, trust_remote_code=a.trust_remote_code)
     tok = model.llmpress_tokenizer
-    if Path(a.data).is_file():
-        ids = tokenize(tok, lp.data.text(a.data))
+    mask = None
+    if a.data.endswith(".jsonl"):
+        from llmpress.recover.data import pack, read_jsonl
+
+        tokens, mask = pack(read_jsonl(a.data, tok, a.format, a.on_error), a.seqlen)
     else:
-        ids = tokenize(tok, lp.data.text(a.data, "calib"))
-    n = ids.numel() // a.seqlen
+        ids = tokenize(tok, lp.data.text(a.data) if Path(a.data).is_file() else lp.data.text(a.data, "calib"))
+        n = ids.numel() // a.seqlen
+        tokens = ids[: n * a.seqlen].reshape(n, a.seqlen)
+    n = tokens.shape[0]
     if n < a.batch_size:
-        raise ValueError(f"{a.data}: {ids.numel()} tokens make {n} sequences of {a.seqlen}; need >= --batch-size")
-    tokens = ids[: n * a.seqlen].reshape(n, a.seqlen)
+        raise ValueError(f"{a.data}: {n} sequences of {a.seqlen} tokens; need at least --batch-size ({a.batch_size})")
     result: dict = {"config": cfg.__dict__, "train_sequences": n}
     if a.eval:
         result["before"] = lp.evaluate(model, base, n_windows=a.n_windows).to_dict()
     add_lora(model, r=a.rank, alpha=a.alpha or 2.0 * a.rank, targets=a.targets.split(",") if a.targets else None)
-    rep = recover(model, tokens, base if a.kd != "none" else None, cfg, checkpoint_dir=a.checkpoint)
+    rep = recover(model, tokens, base if a.kd != "none" else None, cfg, checkpoint_dir=a.checkpoint, loss_mask=mask)
     result.update(steps=rep.steps, first_loss=rep.losses[0] if rep.losses else None,
                   last_loss=rep.losses[-1] if rep.losses else None, seconds=rep.seconds,
                   tokens_per_s=rep.tokens_per_s, peak_rss_mb=rep.peak_rss_mb, resumed_from=rep.resumed_from)

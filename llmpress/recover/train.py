@@ -64,28 +64,36 @@ class RecoverReport:
     resumed_from: int = 0
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float = 1.0, mode: str = "forward") -> torch.Tensor:
-    """Mean over tokens of KL(teacher ‖ student) (forward) or KL(student ‖ teacher) (reverse) on
-    logits softened by temperature ``t``, times t² (Hinton et al. 2015)."""
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float = 1.0, mode: str = "forward",
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over tokens (those where ``mask`` is True) of KL(teacher ‖ student) (forward) or
+    KL(student ‖ teacher) (reverse) on logits softened by temperature ``t``, times t²
+    (Hinton et al. 2015)."""
     s = F.log_softmax(student.float() / t, -1)
     q = F.log_softmax(teacher.float() / t, -1)
     if mode == "forward":
         kl = (q.exp() * (q - s)).sum(-1)
     else:
         kl = (s.exp() * (s - q)).sum(-1)
+    if mask is not None:
+        return (kl * mask).sum() / mask.sum().clamp(min=1) * t * t
     return kl.mean() * t * t
 
 
 def _batch(tokens: torch.Tensor, step: int, micro: int, cfg: RecoverConfig) -> torch.Tensor:
-    """Rows for (step, micro-batch): a seeded permutation per epoch, so any step is reproducible."""
-    n = tokens.shape[0]
+    return tokens[_rows(tokens.shape[0], step, micro, cfg)]
+
+
+def _rows(n: int, step: int, micro: int, cfg: RecoverConfig) -> torch.Tensor:
+    """Row indices for (step, micro-batch): a seeded permutation per epoch, so any step is
+    reproducible."""
     per_step = cfg.batch_size * cfg.grad_accum
     start = (step * per_step + micro * cfg.batch_size)
     epoch, off = divmod(start, n)
     g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
     perm = torch.randperm(n, generator=g)
     idx = torch.cat([perm, torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch + 1))])
-    return tokens[idx[off: off + cfg.batch_size]]
+    return idx[off: off + cfg.batch_size]
 
 
 def _save_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float], d: Path,
@@ -123,9 +131,11 @@ def _load_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, d: Path) -> t
 
 def recover(model: nn.Module, tokens: torch.Tensor, teacher: nn.Module | None = None,
             cfg: RecoverConfig = RecoverConfig(), checkpoint_dir: str | os.PathLike | None = None,
-            resume: bool = True, progress: bool = True, stop_after: int | None = None) -> RecoverReport:
+            resume: bool = True, progress: bool = True, stop_after: int | None = None,
+            loss_mask: torch.Tensor | None = None) -> RecoverReport:
     """Train the LoRA adapters of ``model`` (see :func:`~llmpress.recover.lora.add_lora`) on
-    ``tokens`` [n, seqlen]. ``teacher`` (the original model) is needed unless ``cfg.kd`` is
+    ``tokens`` [n, seqlen]; ``loss_mask`` [n, seqlen] (from :func:`llmpress.recover.data.pack`)
+    keeps prompt tokens out of the loss. ``teacher`` (the original model) is needed unless ``cfg.kd`` is
     "none". ``stop_after`` ends the run early after that many steps (tests of resumption)."""
     mods = lora_modules(model)
     if not mods:
@@ -134,6 +144,8 @@ def recover(model: nn.Module, tokens: torch.Tensor, teacher: nn.Module | None = 
         raise ValueError("knowledge distillation needs the teacher model (or kd='none' with ce_weight > 0)")
     if tokens.dim() != 2 or tokens.shape[0] < cfg.batch_size:
         raise ValueError(f"tokens must be [n >= batch_size, seqlen]; got {tuple(tokens.shape)}")
+    if loss_mask is not None and loss_mask.shape != tokens.shape:
+        raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must match tokens {tuple(tokens.shape)}")
     torch.manual_seed(cfg.seed)
     params = [p for m in mods.values() for p in (m.lora_A.weight, m.lora_B.weight)]
     for p in params:
@@ -174,15 +186,18 @@ def recover(model: nn.Module, tokens: torch.Tensor, teacher: nn.Module | None = 
             opt.zero_grad(set_to_none=True)
             tot = 0.0
             for micro in range(cfg.grad_accum):
-                ids = _batch(tokens, step, micro, cfg).to(dev)
+                rows = _rows(tokens.shape[0], step, micro, cfg)
+                ids = tokens[rows].to(dev)
+                m = None if loss_mask is None else loss_mask[rows][:, 1:].to(dev)  # predicting token t from t-1
                 out = model(input_ids=ids, use_cache=False)
                 loss = torch.zeros((), device=dev)
                 if cfg.kd != "none":
                     with torch.no_grad():
                         t_logits = teacher(input_ids=ids.to(next(teacher.parameters()).device), use_cache=False).logits
-                    loss = loss + kd_loss(out.logits[:, :-1], t_logits[:, :-1].to(dev), cfg.temperature, cfg.kd)
+                    loss = loss + kd_loss(out.logits[:, :-1], t_logits[:, :-1].to(dev), cfg.temperature, cfg.kd, m)
                 if cfg.ce_weight > 0:
-                    ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                    labels = ids[:, 1:] if m is None else ids[:, 1:].masked_fill(~m, -100)
+                    ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
                     loss = loss + cfg.ce_weight * ce
                 (loss / cfg.grad_accum).backward()
                 tot += float(loss.detach()) / cfg.grad_accum

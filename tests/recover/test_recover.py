@@ -170,8 +170,74 @@ def test_cli_recover_adapter_and_merge(tmp_path, tiny_dir, text_file, capsys):
     assert r["steps"] == 3 and r["last_loss"] is not None
     assert main(["recover", str(comp), "--base", str(tiny_dir), "-o", str(ad), "--steps", "1"]) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps({"instruction": "Say something", "output": "The quick brown fox jumps over the lazy dog."})
+                            for _ in range(20)) + "\n{broken\n")
+    assert main(["recover", str(comp), "--base", str(tiny_dir), "-o", str(tmp_path / "a2"), "--steps", "2", "--seqlen", "32",
+                 "--batch-size", "2", "--data", str(jl)]) == 0
+    assert main(["recover", str(comp), "--base", str(tiny_dir), "-o", str(tmp_path / "a3"), "--steps", "2", "--seqlen", "32",
+                 "--batch-size", "2", "--data", str(jl), "--on-error", "raise"]) == 2
+    assert "d.jsonl:21" in capsys.readouterr().err
     merged = tmp_path / "merged"
     assert main(["recover", str(comp), "--base", str(tiny_dir), "-o", str(merged), "--steps", "2", "--seqlen", "32",
                  "--batch-size", "2", "--data", str(text_file), "--merge"]) == 0
     m = lp.load(merged)
     assert m(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_jsonl_formats_masks_and_malformed_lines(tmp_path, tokenizer, caplog):
+    import json
+
+    from llmpress.recover.data import DataError, pack, read_jsonl
+
+    p = tmp_path / "d.jsonl"
+    lines = [json.dumps({"instruction": "Name a fox.", "input": "", "output": "The quick brown fox."}),
+             "{not json",
+             json.dumps({"instruction": "Say hi", "input": "politely", "output": "Hello there, lazy dog."}),
+             json.dumps({"instruction": "missing output"}),
+             json.dumps({"instruction": "Compress", "output": "Quantization maps weights to a few bits."}) ]
+    p.write_text("\n".join(lines * 6) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2"):
+        read_jsonl(p, tokenizer, on_error="raise")
+    ex = read_jsonl(p, tokenizer)  # skips lines 2 and 4 of each copy, naming them
+    assert len(ex) == 18 and "d.jsonl:2" in caplog.text and "d.jsonl:4" in caplog.text
+    first = ex[0]
+    prompt = tokenizer("### Instruction:\nName a fox.\n\n### Response:\n", add_special_tokens=False).input_ids
+    assert first.train == [False] * len(prompt) + [True] * (len(first.ids) - len(prompt))
+    assert first.ids[-1] == tokenizer.eos_token_id
+    tokens, mask = pack(ex, 32)
+    assert tokens.shape == mask.shape and 0 < mask.float().mean() < 1
+    chat = tmp_path / "c.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    with pytest.raises(DataError, match="chat template"):
+        read_jsonl(chat, tokenizer)
+
+
+def test_chat_template_masks_only_assistant_turns(tokenizer, tmp_path):
+    import json
+
+    from llmpress.recover.data import read_jsonl
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    p = tmp_path / "c.jsonl"
+    msgs = [{"role": "user", "content": "the quick fox"}, {"role": "assistant", "content": "jumps over the dog"},
+            {"role": "user", "content": "and then"}, {"role": "assistant", "content": "compression keeps models small"}]
+    p.write_text(json.dumps({"messages": msgs}) + "\n")
+    (ex,) = read_jsonl(p, tok)
+    trained = tok.decode([i for i, t in zip(ex.ids, ex.train) if t]).replace("Ġ", " ")  # (no byte-level decoder)
+    assert all(w in trained for w in ("jumps", "dog", "keeps", "small"))
+    assert not any(w in trained for w in ("quick", "then", "user"))
+
+
+def test_masked_training_ignores_prompt_tokens():
+    teacher = tiny_model("llama", seed=0)
+    student = copy.deepcopy(teacher)
+    _prune_half(student)
+    add_lora(student, r=4, alpha=8)
+    tokens = correlated_tokens(8, 32, seed=4)
+    mask = torch.zeros_like(tokens, dtype=torch.bool)  # nothing to learn: the adapters must not move
+    rep = recover(student, tokens, teacher, RecoverConfig(steps=3, batch_size=4, lr=1e-2), loss_mask=mask, progress=False)
+    assert all(l == 0 for l in rep.losses)
+    assert all(float(p.abs().sum()) == 0 for n, p in student.named_parameters() if "lora_B" in n)
