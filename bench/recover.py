@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--n-windows", type=int, default=24)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--requant", action="store_true", help="also merge the adapters and re-compress with the start recipe")
     a = ap.parse_args()
     torch.manual_seed(0)
     base = lp.load("smollm2-135m")
@@ -55,11 +56,20 @@ def main() -> None:
     secs = time.perf_counter() - t0
     ev1 = lp.evaluate(student, base, n_windows=a.n_windows)
     gap0, gap1 = ev0.ppl - evb.ppl, ev1.ppl - evb.ppl
+    extra = {}
+    if a.requant:  # adapters folded into the dequantized weights, then the start recipe again
+        from llmpress.recover import merge_lora
+
+        merge_lora(student)
+        lp.compress(student, lp.recipe(a.start, **kw), progress=False)
+        ev2 = lp.evaluate(student, base, n_windows=a.n_windows)
+        extra = {"ppl_merged_requant": ev2.ppl, "kl_merged_requant": ev2.kl,
+                 "gap_closed_merged_requant": (gap0 - (ev2.ppl - evb.ppl)) / gap0}
     row = {"start": a.start + (f" g{a.group_size}" if kw else ""), "method": f"lora-kd r{a.rank} (forward KL, T={a.temperature})",
            "steps": a.steps, "tokens_per_step": a.batch_size * a.grad_accum * a.seqlen, "base_ppl": evb.ppl,
            "ppl_before": ev0.ppl, "ppl_after": ev1.ppl, "kl_before": ev0.kl, "kl_after": ev1.kl,
            "gap_closed": (gap0 - gap1) / gap0, "peak_rss_mb": rep.peak_rss_mb, "seconds": secs,
-           "train_tokens_per_s": rep.tokens_per_s, "first_loss": rep.losses[0], "last_loss": rep.losses[-1]}
+           "train_tokens_per_s": rep.tokens_per_s, "first_loss": rep.losses[0], "last_loss": rep.losses[-1], **extra}
     print(json.dumps(row, indent=1))
     out = Path(a.out) / f"recover-smollm2-135m{a.tag}.json"
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
