@@ -54,15 +54,16 @@ def to_w4(model, group: int = 128):
     """Every nn.Linear (the head too) → QuantLinear int4 g``group`` symmetric, RTN, on the GPU."""
     from llmpress.models import set_submodule
     from llmpress.nn import QuantLinear
-    from llmpress.quant.primitives import QuantizedWeight, QuantScheme, compute_qparams, quantize
+    from llmpress.quant.primitives import QuantScheme
+    from llmpress.quant.rtn import rtn
 
     sch = QuantScheme(4, True, "group", group)
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for n in names:
         lin = model.get_submodule(n)
         w = lin.weight.detach().float()
-        s, z = compute_qparams(w, sch)
-        qw = QuantizedWeight(quantize(w, s, z, sch), s.to(torch.bfloat16), z, sch)
+        qw = rtn(w, sch)
+        qw.scale = qw.scale.to(torch.bfloat16)
         set_submodule(model, n, QuantLinear(qw, lin.bias))
         del lin
     return model

@@ -29,15 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmpress.kernels import layout  # noqa: E402
 from llmpress.quant import nf4  # noqa: E402
-from llmpress.quant.primitives import QuantizedWeight, QuantScheme, compute_qparams, quantize  # noqa: E402
+from llmpress.quant.primitives import QuantizedWeight, QuantScheme  # noqa: E402
+from llmpress.quant.rtn import rtn  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N out, K in): square, up/gate, down
 MS = [1, 2, 4, 8, 16, 32, 64]
 
 
 def make_qw(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
-    s, z = compute_qparams(w, scheme)
-    return QuantizedWeight(quantize(w, s, z, scheme), s.to(torch.bfloat16), z, scheme)
+    qw = rtn(w, scheme)
+    qw.scale = qw.scale.to(torch.bfloat16)
+    return qw
 
 
 def copy_ceiling(dev) -> float:
@@ -107,7 +109,7 @@ def check(dev, n_cases: int = 40, seed: int = 0) -> list[dict]:
         p = layout.pack(q, torch.bfloat16).to(dev)
         x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
         b = torch.randn(n, generator=g).to(dev, torch.bfloat16) if i % 2 else None
-        ref = layout.reference_matmul(x.double().float(), layout.pack(q, torch.float32).to(dev), None if b is None else b.float())
+        ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32).to(dev), None if b is None else b.float())
         from llmpress.kernels.triton_wa16 import _CONFIGS, _GEMV_CONFIGS, _GEMV_DEFER
 
         gemv_all = _GEMV_CONFIGS + [c + (True,) for c in _GEMV_DEFER]

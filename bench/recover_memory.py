@@ -43,7 +43,7 @@ def child(variant: str, steps: int, bs: int, seqlen: int, rank: int, ckpt: str |
         import peft
         import torch.nn.functional as F
 
-        from llmpress.recover.train import _batch
+        from llmpress.recover.train import _rows
 
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
@@ -55,7 +55,7 @@ def child(variant: str, steps: int, bs: int, seqlen: int, rank: int, ckpt: str |
         t0 = time.perf_counter()
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
-            ids = _batch(tokens, step, 0, cfg)
+            ids = tokens[_rows(tokens.shape[0], step, 0, cfg)]
             logits = model(input_ids=ids, use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
             loss.backward()

@@ -137,8 +137,8 @@ class Runtime:
             x = x.masked_fill(x < kth, float("-inf"))
         if top_p is not None and top_p < 1.0:
             srt, idx = torch.sort(x, dim=-1, descending=True)
-            cum = srt.softmax(-1).cumsum(-1)
-            drop = (cum - srt.softmax(-1)) > top_p  # keep the smallest prefix whose mass reaches top_p
+            prob = srt.softmax(-1)
+            drop = (prob.cumsum(-1) - prob) > top_p  # keep the smallest prefix whose mass reaches top_p
             x = x.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
         g = -torch.log(-torch.log(torch.rand_like(x).clamp_(1e-20, 1.0)))
         return (x + g).argmax(-1, keepdim=True)
@@ -164,6 +164,7 @@ class Runtime:
             with torch.cuda.graph(g):
                 self._step(*key)
             self._graphs[key] = g
+            # the warm-up moved token, position and cache length: back to where generate left them
             self._tok.copy_(state[0])
             self._pos.copy_(state[1])
             self._set_length(int(state[1]))
@@ -202,10 +203,6 @@ class Runtime:
         out[:, 0] = first[:, 0]
         n = 1
         step = self._decode_fn(top_k, top_p, greedy)  # builds (and warms) the graph outside the timing
-        if self.cuda_graph:
-            self._tok.copy_(first)
-            self._pos.fill_(t)
-            self._set_length(t)
         _sync(self.device)
         t1 = time.perf_counter()
         done = bool(eos) and int(first) in eos

@@ -52,39 +52,49 @@ def check_supported(p: PackedWeight) -> None:
 
     if not supported_group(p.bits, p.group_size, p.k):
         raise UnsupportedLayout(f"group size {p.group_size} with {p.bits}-bit codes: the kernel takes "
-                                "multiples of 16 (of 32 for 8-bit codes)")
+                                "multiples of 16")
+
+
+def _cached(module: torch.nn.Module, key: tuple, build):
+    """``build()`` once per module and key (device / dtype), kept on the module outside its state
+    dict; an :class:`UnsupportedLayout` is kept too, so an unsupported layer is not re-packed
+    on every call. One entry per module: moving devices or dtypes drops the old one."""
+    cache = module.__dict__.setdefault("_kernel_cache", {})
+    if key not in cache:
+        cache.clear()
+        try:
+            cache[key] = build()
+        except UnsupportedLayout as e:
+            cache[key] = e
+    return cache[key]
 
 
 def packed_for(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> PackedWeight:
     """The module's weight in the kernel layout on ``device`` with scales in ``dtype``, built on
-    first use and kept on the module (not in its state dict)."""
-    key = (str(device), dtype)
-    cache = module.__dict__.setdefault("_kernel_cache", {})
-    if key not in cache:
+    first use; raises :class:`UnsupportedLayout` (every call) where the kernel cannot take it."""
+    def build() -> PackedWeight:
         p = pack(module.qweight.to(device), dtype)
         check_supported(p)
-        cache.clear()  # one layout per module: moving devices or dtypes drops the old one
-        cache[key] = p
-    return cache[key]
+        return p
+
+    p = _cached(module, (str(device), dtype), build)
+    if isinstance(p, UnsupportedLayout):
+        raise p
+    return p
 
 
 def _cpu_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     from llmpress.kernels import cpu
     from llmpress.quant.primitives import QuantizedWeight
 
-    cache = module.__dict__.setdefault("_kernel_cache", {})
-    key = ("cpu", x.dtype)
-    if key not in cache:
-        try:
-            qw = module.qweight
-            if not isinstance(qw, QuantizedWeight) or getattr(module, "act", None) is not None:
-                raise UnsupportedLayout("not a weight-only integer layer")
-            cache.clear()
-            cache[key] = cpu.pack_cpu(qw, x.dtype)
-        except UnsupportedLayout:
-            cache[key] = None
-    p = cache[key]
-    return None if p is None else cpu.matmul(x, p, module.bias)
+    def build() -> cpu.CpuPacked:
+        qw = module.qweight
+        if not isinstance(qw, QuantizedWeight) or getattr(module, "act", None) is not None:
+            raise UnsupportedLayout("not a weight-only integer layer")
+        return cpu.pack_cpu(qw, x.dtype)
+
+    p = _cached(module, ("cpu", x.dtype), build)
+    return None if isinstance(p, UnsupportedLayout) else cpu.matmul(x, p, module.bias)
 
 
 def linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:

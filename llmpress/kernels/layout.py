@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.quant.nf4 import CodebookWeight, code
+from llmpress.quant.pack import pack_int32, unpack_int32
 from llmpress.quant.primitives import QuantizedWeight
 
 PAD_K = 128  # packed K is padded to this multiple so any kernel tile divides it
@@ -63,27 +64,21 @@ class PackedWeight:
 
 
 def _pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes [N, K] (0 <= u < 2^bits) → int32 [N, Kp / per_word]: word r of column n
-    holds the codes of k = r * per_word + j at bit offset j * bits; K padded with zero codes to a
-    multiple of PAD_K (128)."""
+    """Unsigned codes [N, K] (0 <= u < 2^bits, bits 4 or 8) → int32 [N, Kp / per_word]: word r of
+    column n holds the codes of k = r * per_word + j at bit offset j * bits (compressed-tensors'
+    packing, :func:`~llmpress.quant.pack.pack_int32`, which for these widths never straddles a
+    word); K padded with zero codes to a multiple of PAD_K (128)."""
     n, k = u.shape
-    per = 32 // bits
     kp = -(-k // PAD_K) * PAD_K
-    full = torch.zeros(n, kp, dtype=torch.int64, device=u.device)
-    full[:, :k] = u.to(torch.int64)
-    shifts = torch.arange(per, device=u.device, dtype=torch.int64) * bits
-    words = (full.reshape(n, kp // per, per) << shifts).sum(-1)  # disjoint bit fields: sum = OR
-    words = torch.where(words >= 2**31, words - 2**32, words)  # as two's-complement int32
-    return words.to(torch.int32).contiguous()
+    half = 1 << (bits - 1)
+    signed = torch.nn.functional.pad(u.to(torch.int16) - half, (0, kp - k), value=-half).to(torch.int8)
+    return pack_int32(signed, bits)
 
 
 def unpack_codes(qw: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """Inverse of the packing: int32 [N, Kp / per_word] → int64 codes [N, K]."""
-    per = 32 // bits
-    w = qw.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per, device=qw.device, dtype=torch.int64) * bits
-    u = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [N, Kp / per, per]
-    return u.reshape(qw.shape[0], -1)[:, :k]
+    kp = qw.shape[1] * (32 // bits)
+    return unpack_int32(qw, bits, (qw.shape[0], kp))[:, :k].to(torch.int64) + (1 << (bits - 1))
 
 
 def pack(weight: QuantizedWeight | CodebookWeight, dtype: torch.dtype = torch.bfloat16) -> PackedWeight:

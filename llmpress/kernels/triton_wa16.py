@@ -352,12 +352,12 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    out = torch.empty(m, p.n, device=x.device, dtype=x.dtype)
-    if m == 0:
-        return out.reshape(*lead, p.n)
     if m > PREFILL_M and config is None:
         y = torch.nn.functional.linear(x2, dequantize(p, x.dtype), bias)
         return y.reshape(*lead, p.n)
+    out = torch.empty(m, p.n, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out.reshape(*lead, p.n)
     bm = _block_m(m)
     ws, cnt = _workspace(x.device, m, p.n)
     lut = p.lut if p.lut is not None else p.scale  # placeholders for unused pointers

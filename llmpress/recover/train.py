@@ -80,10 +80,6 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float = 1.0, mode: 
     return kl.mean() * t * t
 
 
-def _batch(tokens: torch.Tensor, step: int, micro: int, cfg: RecoverConfig) -> torch.Tensor:
-    return tokens[_rows(tokens.shape[0], step, micro, cfg)]
-
-
 def _rows(n: int, step: int, micro: int, cfg: RecoverConfig) -> torch.Tensor:
     """Row indices for (step, micro-batch): a seeded permutation per epoch, so any step is
     reproducible."""

@@ -16,7 +16,8 @@ from llmpress import kernels
 from llmpress.kernels import cpu, layout
 from llmpress.nn import CodebookLinear, QuantLinear
 from llmpress.quant import nf4
-from llmpress.quant.primitives import QuantizedWeight, QuantScheme, compute_qparams, quantize
+from llmpress.quant.primitives import QuantizedWeight, QuantScheme
+from llmpress.quant.rtn import rtn
 
 SCHEMES = [
     QuantScheme(4, True, "group", 64), QuantScheme(4, False, "group", 128), QuantScheme(4, False, "group", 32),
@@ -27,9 +28,7 @@ SCHEMES = [
 
 def _qw(n: int, k: int, scheme: QuantScheme, seed: int = 0) -> QuantizedWeight:
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    s, z = compute_qparams(w, scheme)
-    return QuantizedWeight(quantize(w, s, z, scheme), s, z, scheme)
+    return rtn(torch.randn(n, k, generator=g), scheme)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
@@ -54,13 +53,11 @@ def test_layout_codebook(qt):
 def test_layout_unsupported():
     w = torch.randn(32, 64)
     fp8 = QuantScheme(8, True, "channel", type="float")
-    s, _ = compute_qparams(w, fp8)
     with pytest.raises(layout.UnsupportedLayout, match="integer"):
-        layout.pack(QuantizedWeight(quantize(w, s, None, fp8), s, None, fp8))
+        layout.pack(rtn(w, fp8))
     ax0 = QuantScheme(4, False, "group", 16, group_axis=0)
-    s, z = compute_qparams(w, ax0)
     with pytest.raises(layout.UnsupportedLayout, match="output dimension"):
-        layout.pack(QuantizedWeight(quantize(w, s, z, ax0), s, z, ax0))
+        layout.pack(rtn(w, ax0))
     p = layout.pack(_qw(16, 64, QuantScheme(8, False, "group", 8)))
     with pytest.raises(layout.UnsupportedLayout, match="group size 8"):
         kernels.check_supported(p)
@@ -79,6 +76,20 @@ def test_cpu_kernels_match_reference(scheme):
     assert y.dtype == torch.bfloat16
     err = float((y.float() - ref).norm() / ref.norm())
     assert err < 1e-2, err
+
+
+def test_packed_layout_is_built_once_also_when_unsupported(monkeypatch):
+    calls = []
+    real = kernels.pack
+    monkeypatch.setattr(kernels, "pack", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ok = QuantLinear(_qw(32, 64, QuantScheme(4, True, "group", 32)))
+    p = kernels.packed_for(ok, torch.device("cpu"), torch.float32)
+    assert kernels.packed_for(ok, torch.device("cpu"), torch.float32) is p and len(calls) == 1
+    fp8 = QuantLinear(rtn(torch.randn(32, 64), QuantScheme(8, True, "channel", type="float")))
+    for _ in range(3):  # the refusal is remembered: no re-packing on every forward
+        with pytest.raises(layout.UnsupportedLayout, match="integer"):
+            kernels.packed_for(fp8, torch.device("cpu"), torch.float32)
+    assert len(calls) == 2
 
 
 def test_cpu_kernel_rejects():
@@ -115,7 +126,8 @@ _INTERP = textwrap.dedent("""
     from llmpress.kernels import layout
     from llmpress.kernels.triton_wa16 import dequantize, matmul
     from llmpress.quant import nf4
-    from llmpress.quant.primitives import QuantizedWeight, QuantScheme, compute_qparams, quantize
+    from llmpress.quant.primitives import QuantScheme
+    from llmpress.quant.rtn import rtn
     g = torch.Generator().manual_seed(int(sys.argv[1]))
     cases = [(QuantScheme(4, True, "group", 64), 96, 256), (QuantScheme(4, False, "group", 128), 100, 384),
              (QuantScheme(4, False, "group", 32), 40, 160), (QuantScheme(8, True, "channel"), 72, 200),
@@ -129,8 +141,7 @@ _INTERP = textwrap.dedent("""
             q = nf4.quantize_4bit(w, sch, 64, True)
             W = q.dequantize().float()
         else:
-            s, z = compute_qparams(w, sch)
-            q = QuantizedWeight(quantize(w, s, z, sch), s, z, sch)
+            q = rtn(w, sch)
             W = q.dequantize()
         for dt in (torch.float32, torch.float16):
             p = layout.pack(q, dt)

@@ -21,14 +21,14 @@ def _kl(teacher, student, ids) -> float:
 
 def _quantize_w3(model) -> None:
     from llmpress.models import block_linears, find_blocks, set_submodule
-    from llmpress.quant.primitives import QuantizedWeight, QuantScheme, compute_qparams, quantize
+    from llmpress.quant.primitives import QuantScheme
+    from llmpress.quant.rtn import rtn
 
     sch = QuantScheme(3, False, "group", 32)
     path, blocks = find_blocks(model)
     for i, b in enumerate(blocks):
         for n, m in block_linears(b).items():
-            s, z = compute_qparams(m.weight.data, sch)
-            set_submodule(model, f"{path}.{i}.{n}", QuantLinear(QuantizedWeight(quantize(m.weight.data, s, z, sch), s, z, sch), m.bias))
+            set_submodule(model, f"{path}.{i}.{n}", QuantLinear(rtn(m.weight.data, sch), m.bias))
 
 
 def _prune_half(model) -> None:
