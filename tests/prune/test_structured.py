@@ -170,3 +170,20 @@ def test_merge_kv_heads_to_gqa_and_mqa(tmp_path):
         assert torch.equal(hf(ids).logits, m2(ids).logits)
     with pytest.raises(RecipeError, match="must divide"):
         lp.compress(_deep(), lp.Recipe.from_dict({"steps": [{"method": "merge_kv", "kv_heads": 3}]}), progress=False)
+
+
+def test_block_distances_never_compute_logits():
+    """The importance pass reads the blocks only: the output head (a [batch, seq, vocab] matmul,
+    0.8 GB per batch on a 49k vocabulary) is swapped out while it runs, and put back."""
+    from tests.conftest import tiny_model
+
+    m = tiny_model("llama")
+    head = m.get_output_embeddings()
+    calls = []
+    h = head.register_forward_hook(lambda *a: calls.append(1))
+    d = block_distances(m, correlated_tokens(4, 32), batch_size=2)
+    assert d.shape == (2,) and not calls
+    assert m.get_output_embeddings() is head
+    m(input_ids=correlated_tokens(1, 8))
+    assert calls
+    h.remove()
