@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress import fold
+from llmpress.memory import peak_rss_mb, release_memory
 from llmpress.lowrank.svd import LowRankWeight, asvd, rank_for, svd
 from llmpress.models import (
     _is_linear,
@@ -195,7 +195,7 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, tuple[Step, ...]]:
                     f"{name} is outside the decoder blocks, where {step.describe()} has no "
                     "calibration statistics; ignore it or use a calibration-free method for it through an override"
                 )
-        if not torch.isfinite(w.sum()) and not torch.isfinite(w).all():  # one cheap pass when finite
+        if w.device.type != "meta" and not torch.isfinite(w.sum()) and not torch.isfinite(w).all():  # one cheap pass when finite
             raise ValueError(f"{name}: weight contains NaN or inf; refusing to compress a corrupted model")
         out[name] = steps
     if not out:
@@ -424,10 +424,6 @@ def _block_index(name: str, prefix: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def _swap(model: nn.Module, name: str, mod: nn.Module, qw: QuantizedWeight | CodebookWeight, home: torch.device,
           step: QuantStep | None = None, stats: dict | None = None) -> CompressedLinear:
     bias = getattr(mod, "bias", None)
@@ -626,6 +622,7 @@ def run(
                 for j, call in enumerate(calls[i]):
                     inputs[j] = _run_block(block, inputs[j], call)
         block.to(home)
+        release_memory()
     bar.close()
 
     for name, steps in by_block.get(None, {}).items():  # outside the blocks: calibration-free methods

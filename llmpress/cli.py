@@ -1,4 +1,5 @@
-"""Command line: ``llmpress compress | eval | export | info | recover | generate | bench-speed``. Parsing and printing only."""
+"""Command line: ``llmpress compress | eval | export | info | recover | generate | bench-speed | plan | compare``.
+Parsing and printing only."""
 
 from __future__ import annotations
 
@@ -24,7 +25,25 @@ unless --group-size; -1 = per channel). MODEL is a local HF directory (safetenso
 file, a hub id (online only) or a built-in asset (smollm2-135m).
 """
 
+PLAN_EXAMPLES = """examples:
+  llmpress plan smollm2-135m --target-bits 3.5 -o plan.yaml --sensitivity sens.json
+  llmpress plan smollm2-135m --target-size 180MB -o plan.yaml --sensitivity sens.json   # reuses the measurement
+  llmpress plan smollm2-135m --max-kl 0.2 -o plan.yaml --sensitivity sens.json
+  llmpress compress smollm2-135m --recipe plan.yaml -o out/plan --eval
+"""
+
 log = logging.getLogger("llmpress")
+FIT_SAMPLES = 0  # plan: calibration samples the candidate solvers fit on, besides the scored ones
+
+
+def parse_size(s: str) -> float:
+    """'150MB', '4.5GB', '1.2G', '800M', '2TB' or a plain number of MB -> MB (decimal units)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)I?B?\s*", s.upper())
+    if not m:
+        raise ValueError(f"size {s!r} not understood; write e.g. 150MB or 4.5GB")
+    return float(m.group(1)) * {"K": 1e-3, "": 1.0, "M": 1.0, "G": 1e3, "T": 1e6}[m.group(2)]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-seqlen", type=int, default=1024)
     c.add_argument("--eval-corpus", default="wiki", help="evaluation corpus name or .txt file (default wiki)")
     c.add_argument("--json", help="write the report as JSON to this file")
+    c.add_argument("--dry-run", action="store_true", help="predict peak memory, size and time from config.json and stop")
+    c.add_argument("--force", action="store_true", help="run even when the predicted peak memory exceeds what is free")
     c.add_argument("--trust-remote-code", action="store_true")
 
     e = sub.add_parser("eval", help="perplexity, KL and top-1 vs a base model, size and bits",
@@ -128,6 +149,46 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("--overwrite", action="store_true")
     rc.add_argument("--json", help="write the report as JSON to this file")
     rc.add_argument("--trust-remote-code", action="store_true")
+
+    pl = sub.add_parser("plan", help="choose bits per layer for a size / bits / KL budget and write the recipe",
+                        epilog=PLAN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("model")
+    goal = pl.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target-bits", type=float, help="average bits per planned weight, scales included (e.g. 3.5)")
+    goal.add_argument("--target-size", help="whole checkpoint size, e.g. 150MB or 4.5GB")
+    goal.add_argument("--max-kl", type=float, help="the smallest plan whose predicted KL (nats/token) is at most this")
+    pl.add_argument("-o", "--output", required=True, help="recipe YAML to write")
+    pl.add_argument("--preset", default="w4a16-gptq", help="the step whose bits and group size are planned "
+                    "(a weight-only rtn / gptq / hqq preset or recipe file; default w4a16-gptq)")
+    pl.add_argument("--bits", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8)")
+    pl.add_argument("--group-sizes", default="32,64,128,-1", help="candidate group sizes; -1 = per channel")
+    pl.add_argument("--calib", default="wiki")
+    pl.add_argument("--n-samples", type=int, default=16, help="calibration samples the errors are scored on "
+                    "(forward + backward)")
+    pl.add_argument("--fit-samples", type=int, default=FIT_SAMPLES, help="further calibration samples the candidate "
+                    "solvers fit on (forward only); 0 = fit on the scoring samples")
+    pl.add_argument("--seqlen", type=int, default=512)
+    pl.add_argument("--batch-size", type=int, default=2)
+    pl.add_argument("--sensitivity", help="JSON file: reused when it exists (re-plan in seconds), written otherwise")
+    pl.add_argument("--overwrite", action="store_true")
+    pl.add_argument("--json", help="write the plan summary and per-layer choices as JSON")
+    pl.add_argument("--trust-remote-code", action="store_true")
+
+    cm = sub.add_parser("compare", help="compress with several recipes, evaluate all, write a report (md, json, html, PNG)",
+                        epilog=PLAN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cm.add_argument("model")
+    cm.add_argument("--recipes", required=True, help="comma-separated presets or recipe files")
+    cm.add_argument("-o", "--output", required=True, help="report directory")
+    cm.add_argument("-g", "--group-size", type=int)
+    cm.add_argument("--n-windows", type=int, default=24)
+    cm.add_argument("--seqlen", type=int, default=1024)
+    cm.add_argument("--corpus", default="wiki")
+    cm.add_argument("--calib", default="wiki")
+    cm.add_argument("--n-samples", type=int, default=64)
+    cm.add_argument("--device", default=None)
+    cm.add_argument("--keep-models", action="store_true", help="keep the compressed checkpoints under OUTPUT/models")
+    cm.add_argument("--overwrite", action="store_true")
+    cm.add_argument("--json", help="also write the report JSON here")
 
     i = sub.add_parser("info", help="architecture, blocks, linear layers and quantization of a model")
     i.add_argument("model")
@@ -240,11 +301,23 @@ def _compress(a: argparse.Namespace) -> dict:
     import llmpress as lp
     from llmpress.eval.report import QUALITY_COLUMNS, table
 
+    from llmpress.plan.resources import check_fits, predict
+
     r = lp.recipe(a.recipe, group_size=a.group_size)
-    # Check the output location before spending time on compression.
+    # Check the output location and the memory before spending time on compression.
     out = Path(a.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.overwrite:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.overwrite and not a.dry_run:
         raise FileExistsError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    pred = predict(a.model, r, n_samples=a.n_samples, seqlen=a.seqlen, batch_size=a.batch_size,
+                   device=a.device or "cpu", trust_remote_code=a.trust_remote_code,
+                   calib_chars=None if a.calib == "wiki" else _calib_chars(a.calib))
+    if a.dry_run:
+        print(f"dry run: {a.model} with {r.name} ({a.n_samples} x {a.seqlen} calibration tokens, batch {a.batch_size})")
+        for line in pred.lines():
+            print("  " + line)
+        return {"recipe": r.to_dict(), "prediction": pred.to_dict()}
+    if not a.force:
+        check_fits(pred)
     model = lp.load(a.model, trust_remote_code=a.trust_remote_code)
     calib = lp.data.calibration(a.calib, a.n_samples, a.seqlen)
     rep = lp.compress(model, r, calib, device=a.device, batch_size=a.batch_size)
@@ -255,7 +328,7 @@ def _compress(a: argparse.Namespace) -> dict:
         print(f"{s['step']}: " + ", ".join(f"{k} {v}" for k, v in shown.items() if v is not None))
     lp.save(model, out, overwrite=a.overwrite)
     log.info("compressed %d layers in %.1f s (peak RSS %.0f MB) -> %s", len(rep.layers), rep.seconds, rep.peak_rss_mb, out)
-    result = {"recipe": r.to_dict(), "output": str(out), "compression": rep.to_dict()}
+    result = {"recipe": r.to_dict(), "output": str(out), "compression": rep.to_dict(), "prediction": pred.to_dict()}
     if a.eval:
         base = lp.load(a.model, trust_remote_code=a.trust_remote_code)
         ev = lp.evaluate_many({"base": base, r.name: model}, base, source=a.eval_corpus, n_windows=a.n_windows,
@@ -270,6 +343,11 @@ def _compress(a: argparse.Namespace) -> dict:
     else:
         print(f"saved {out} ({len(rep.layers)} layers, {rep.seconds:.1f} s, peak RSS {rep.peak_rss_mb:.0f} MB)")
     return result
+
+
+def _calib_chars(src: str) -> int | None:
+    p = Path(src)
+    return p.stat().st_size if p.is_file() else None
 
 
 def _recover(a: argparse.Namespace) -> dict:
@@ -358,6 +436,65 @@ def _export(a: argparse.Namespace) -> dict:
     return s
 
 
+def _plan(a: argparse.Namespace) -> dict:
+    import llmpress as lp
+    from llmpress.plan import Sensitivity, allocate, measure
+    from llmpress.recipe import QuantStep, RecipeError
+
+    out = Path(a.output)
+    if out.exists() and not a.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    target_size = parse_size(a.target_size) if a.target_size else None
+    bits = [int(b) for b in a.bits.split(",")]
+    groups = [int(g) for g in a.group_sizes.split(",")]
+    steps = [s for s in lp.recipe(a.preset).steps if isinstance(s, QuantStep)]
+    if len(steps) != 1:
+        raise RecipeError(f"--preset {a.preset!r} must have exactly one quantization step to plan")
+    sf = Path(a.sensitivity) if a.sensitivity else None
+    if sf is not None and sf.exists():
+        sens = Sensitivity.load(sf)
+        log.info("reusing the sensitivity in %s (%d units, measured on %d tokens)", sf, len(sens.units), sens.tokens)
+    else:
+        model = lp.load(a.model, trust_remote_code=a.trust_remote_code)
+        tokens = lp.data.calibration(a.calib, a.n_samples + a.fit_samples, a.seqlen).tokens(model.llmpress_tokenizer)
+        sens = measure(model, tokens[: a.n_samples], steps[0], bits, groups, batch_size=a.batch_size, name=a.model,
+                       fit_tokens=tokens[a.n_samples :] if a.fit_samples else None)
+        if sf is not None:
+            sens.save(sf)
+    p = allocate(sens, target_bits=a.target_bits, target_size_mb=target_size, max_kl=a.max_kl)
+    from llmpress.formats import write_text_atomic
+
+    write_text_atomic(out, p.to_yaml())
+    s = p.summary()
+    counts: dict = {}
+    for row in p.layers():
+        counts[(row["bits"], row["group_size"])] = counts.get((row["bits"], row["group_size"]), 0) + 1
+    print(f"plan for {a.model}: target {s['target']}")
+    print(f"  {s['avg_bits']:.3f} bits/weight over {s['layers']} layers, checkpoint ~{s['size_mb']:.2f} MB, "
+          f"predicted KL {s['predicted_kl']:.4f} nats/token")
+    print("  layers per setting: " + ", ".join(f"w{b} g{g}: {n}" for (b, g), n in sorted(counts.items())))
+    print(f"  recipe written to {out}; run: llmpress compress {a.model} --recipe {out} -o OUT")
+    return {"summary": s, "layers": p.layers(), "recipe": str(out)}
+
+
+def _compare(a: argparse.Namespace) -> dict:
+    from llmpress.eval.report import table
+    from llmpress.plan.compare import COLUMNS, compare
+
+    recipes = [r.strip() for r in a.recipes.split(",") if r.strip()]
+    if not recipes:
+        raise ValueError("--recipes names no recipe")
+    rep = compare(a.model, recipes, a.output, group_size=a.group_size, n_windows=a.n_windows, seqlen=a.seqlen,
+                  corpus=a.corpus, calib=a.calib, n_samples=a.n_samples, keep_models=a.keep_models,
+                  overwrite=a.overwrite, device=a.device)
+    print(f"\n{a.model}: {rep['protocol']}\n")
+    print(table(rep["rows"], COLUMNS))
+    for k, v in rep["failed"].items():
+        print(f"failed: {k}: {v}")
+    print(f"\nreport: {a.output}/report.md, report.html, report.json, " + ", ".join(rep["charts"].values()))
+    return rep
+
+
 def _info(a: argparse.Namespace) -> dict:
     import llmpress as lp
     from llmpress.eval.ppl import model_size
@@ -393,12 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         result = {"compress": _compress, "eval": _eval, "export": _export, "info": _info,
-                  "generate": _generate, "bench-speed": _bench_speed, "recover": _recover}[a.cmd](a)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as ex:
+                  "generate": _generate, "bench-speed": _bench_speed, "recover": _recover,
+                  "plan": _plan, "compare": _compare}[a.cmd](a)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError, MemoryError) as ex:
         print(f"llmpress {a.cmd}: error: {ex}", file=sys.stderr)
         return 2
     if getattr(a, "json", None):
         result["wall_seconds"] = time.perf_counter() - t0
+        from llmpress.calibrate import peak_rss_mb
+
+        result["peak_rss_mb"] = peak_rss_mb()  # the whole command's, saving included
         Path(a.json).write_text(json.dumps(result, indent=2, default=str))
     return 0
 

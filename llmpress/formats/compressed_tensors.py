@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmpress.formats import sparse
+from llmpress.memory import release_memory
 from llmpress.lowrank.svd import LowRankWeight
 from llmpress.nn import LowRankLinear, QuantLinear
 from llmpress.quant.act import ActScheme
@@ -154,11 +155,13 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     for n, m in quant.items():
         sd.update(quantized_tensors(n, m))
+        release_memory()  # packing's int64 temporaries, before they pile up as heap fragments
     sd.update(plain_tensors(model, skip=tuple(f"{n}." for n in quant)))
     for k, w in sparse.sparse_linears(model).items():  # pruned dense weights: bitmask layout
         if k in sd:
             del sd[k]
             sd.update(sparse.compress(k, w))
+            release_memory()
     return sd
 
 
