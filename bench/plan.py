@@ -62,7 +62,7 @@ def main() -> None:
     for t in a.targets.split(","):
         p = allocate(sens, target_bits=float(t))
         plans[f"plan-{t}bpw"] = p
-    for u in a.uniform.split(","):
+    for u in filter(None, a.uniform.split(",")):
         b, g = (int(x) for x in u.split("/"))
         plans[f"uniform-w{b}g{g}"] = uniform(sens, b, g)
 
