@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress.models import _is_linear, find_blocks, linear_weight
+from llmpress.plan.resources import _header
 from llmpress.recipe import QuantStep, RecipeError
 from llmpress.stats import STATS
 
@@ -186,8 +187,9 @@ def _fisher_pass(model: nn.Module, mods: dict[str, nn.Module], tokens: torch.Ten
 @torch.no_grad()
 def _hessians(model: nn.Module, mods: dict[str, nn.Module], owner: dict[str, str], tokens: torch.Tensor,
               batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
-    """H = 2 E[x x^T] of every input owner over ``tokens`` (forward only)."""
-    device = next(model.parameters()).device
+    """H = 2 E[x x^T] of every input owner over ``tokens`` (forward only, no output head)."""
+    from llmpress.prune.structured import _forward_all
+
     hess: dict[str, Any] = {}
     hooks = []
     for own in set(owner.values()):
@@ -197,24 +199,8 @@ def _hessians(model: nn.Module, mods: dict[str, nn.Module], owner: dict[str, str
                 hess[own] = STATS["hessian"](x.shape[-1], x.device)
             hess[own].update(x)
         hooks.append(mods[own].register_forward_hook(hook))
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None:
-        model.set_output_embeddings(nn.Identity())  # the statistics need the blocks only
-    try:
-        for b in tqdm(range(0, tokens.shape[0], batch_size * 4), desc="sensitivity: fit statistics", unit="batch",
-                      disable=not progress):
-            model(input_ids=tokens[b : b + batch_size * 4].to(device), use_cache=False)
-    finally:
-        if head is not None:
-            model.set_output_embeddings(head)
-        for h in hooks:
-            h.remove()
+    _forward_all(model, tokens, batch_size * 4, hooks, "sensitivity: fit statistics", progress)
     return {k: v.result() for k, v in hess.items()}
-
-
-def _header_bytes(name: str, n_tensors: int) -> int:
-    """About what a safetensors header spends on ``n_tensors`` entries named after ``name``."""
-    return n_tensors * (len(name) + 80)
 
 
 def _solve(w: torch.Tensor, h: torch.Tensor, step: QuantStep, name: str):
@@ -297,7 +283,7 @@ def measure(
                 nbytes += math.ceil(qw.storage_bits() / 8)  # packed codes, scales, zero points
                 bar.update(1)
             # the shape tensor and the header entries of each layer's tensors
-            u.overhead = sum(16 + _header_bytes(n, 3 + (not c.symmetric)) for n in names)
+            u.overhead = sum(16 + _header(n, 3 + (not c.symmetric)) for n in names)
             u.options.append(Option(c.bits, c.group_size, nbytes, kl))
         if not u.options:
             raise RecipeError(f"{', '.join(names)}: no candidate group size in {list(group_sizes)} divides "
@@ -309,7 +295,7 @@ def measure(
     size_mb, _, _ = model_size(model)
     dense = sum(linear_weight(m).numel() * linear_weight(m).element_size() for m in mods.values())
     n_tensors = len(model.state_dict()) - len(mods)  # tensors kept as they are (shared ones counted once is close)
-    fixed = int(size_mb * 1e6) - dense + n_tensors * _header_bytes("model.layers.00.self_attn.q_proj.weight", 1)
+    fixed = int(size_mb * 1e6) - dense + _header("model.layers.0.input_layernorm.weight", n_tensors)
     d = step.to_dict()
     d["overrides"] = []
     return Sensitivity(name, d, units, fixed, dense, n_tok, time.perf_counter() - t0,
