@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmpress import fold
+from llmpress import fold, kernels
 from llmpress.memory import peak_rss_mb, release_memory
 from llmpress.lowrank.svd import LowRankWeight, asvd, rank_for, svd
 from llmpress.models import (
@@ -262,22 +262,49 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batc
                 except _StopForward:
                     pass
     finally:
+        model.to(home)  # the blocks are recorders still: only what runs before them moves
         for i in range(n):
             blocks[i] = real[i]
         if head is not None:
             model.set_output_embeddings(head)
-        model.to(home)
         for blk in real:
-            blk.to(home)
+            if not _is_meta(blk):  # a streamed model's blocks are not loaded yet
+                blk.to(home)
     inputs = [s[0] for s in sinks[0]]
     per_block = [[(rest, kw, key) for _, rest, kw, key in sinks[i]] for i in range(n)]
     return inputs, per_block
+
+
+def _is_meta(m: nn.Module) -> bool:
+    return any(t.is_meta for t in m.parameters())
 
 
 def _run_block(block: nn.Module, x: torch.Tensor, call: tuple) -> torch.Tensor:
     rest, kw, key = call
     out = block(x, *rest, **kw) if key is None else block(*rest, **{key: x}, **kw)
     return out[0] if isinstance(out, tuple) else out
+
+
+def rerun(block: nn.Module, inputs: list[torch.Tensor], calls: list[tuple], device: torch.device) -> None:
+    """Replace ``inputs`` by the block's outputs (the next block's inputs), where they are kept."""
+    with torch.inference_mode(), kernels.forced("reference"):
+        for j, call in enumerate(calls):
+            inputs[j] = _run_block(block, inputs[j].to(device, non_blocking=True), call).to(inputs[j].device)
+
+
+def offload(inputs: list[torch.Tensor], device: torch.device, budget: float = 0.25) -> None:
+    """Keep the calibration activations on the GPU when they take under ``budget`` of its free
+    memory, otherwise on the host (moved in per batch): a 128 x 2048-token calibration set of
+    an 8B model is 2 GB in bf16, of a 70B model 4 GB, of a 405B model 8 GB."""
+    if device.type != "cuda" or not inputs:
+        return
+    need = sum(x.numel() * x.element_size() for x in inputs)
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > budget * (free + need):
+        log.info("calibration activations (%.1f GB) kept on the host", need / 2**30)
+        for j, x in enumerate(inputs):
+            inputs[j] = x.cpu()
+        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -308,7 +335,7 @@ def _block_stats(
         return _BlockStats()
 
     def first_batch() -> torch.Tensor:  # the float reference for tracing and for checking folds
-        return _run_block(block, inputs[0], calls[0])
+        return _run_block(block, inputs[0].to(device), calls[0])
 
     groups, ref = fold.trace(block, first_batch)
     owner = {ln: g.linears[0] for g in groups for ln in g.linears}  # first reader holds the stats
@@ -327,7 +354,7 @@ def _block_stats(
     try:
         with torch.inference_mode():
             for x, call in zip(inputs, calls, strict=True):
-                _run_block(block, x, call)
+                _run_block(block, x.to(device, non_blocking=True), call)
     finally:
         for h in hooks:
             h.remove()
@@ -508,19 +535,55 @@ def _compress_block(block: nn.Module, bp: str, todo: dict[str, tuple[Step, ...]]
             with torch.inference_mode():
                 ref = bs.first_batch()
         extra = _scale_block(block, quant, mods, bs.groups, bs.shared, scaled, ref, bs.first_batch)
-    for ln, step in quant.items():
+    for names in _stacked(quant, bs, masks):
         ts = time.perf_counter()
-        mod = mods[ln]
-        w = linear_weight(mod).detach()
-        st = dict(bs.of(ln))
-        if ln in masks:
-            st["mask"] = masks[ln]
-        qw = SOLVERS[step.method][0](w, st, step, bp + ln)
-        qw.info.update(extra.get(ln, {}))
-        if ln in masks:
-            qw.info["sparsity"] = float((qw.dequantize(torch.float32) == 0).float().mean())
-        new = _swap(block, ln, mod, qw, device, step, st)
-        _record(report, bp + ln, step, w, qw, new.describe(), ts)
+        step = quant[names[0]]
+        ws = [linear_weight(mods[ln]).detach() for ln in names]
+        st = dict(bs.of(names[0]))
+        if names[0] in masks:
+            st["mask"] = masks[names[0]]
+        qws = _split_rows(SOLVERS[step.method][0](torch.cat(ws) if len(ws) > 1 else ws[0], st, step,
+                                                  bp + "+".join(names)), [w.shape[0] for w in ws])
+        for ln, w, qw in zip(names, ws, qws, strict=True):
+            qw.info.update(extra.get(ln, {}))
+            if len(names) > 1:
+                qw.info["solved_with"] = [x for x in names if x != ln]
+            if ln in masks:
+                qw.info["sparsity"] = float((qw.dequantize(torch.float32) == 0).float().mean())
+            new = _swap(block, ln, mods[ln], qw, device, step, st)
+            _record(report, bp + ln, step, w, qw, new.describe(), ts)
+            ts = time.perf_counter()
+
+
+def _stacked(quant: dict[str, QuantStep], bs: _BlockStats, masks: dict) -> list[list[str]]:
+    """Layers solved together: GPTQ layers reading the same input (one Hessian) with the same
+    step stack their rows into one matrix (q/k/v, gate/up). GPTQ's rows are independent given
+    H, so this is the same solve with a third or half the sequential column steps. Per-tensor
+    scales couple the rows, and a pruned layer keeps its own mask: those go alone."""
+    out: list[list[str]] = []
+    where: dict[tuple, list[str]] = {}
+    for ln, step in quant.items():
+        key = (bs.owner.get(ln, ln), repr(step))
+        if step.method == "gptq" and ln not in masks and step.scheme().strategy != "tensor" and key in where:
+            where[key].append(ln)
+        else:
+            out.append([ln])
+            if step.method == "gptq" and ln not in masks and step.scheme().strategy != "tensor":
+                where[key] = out[-1]
+    return out
+
+
+def _split_rows(qw: Weight, rows: list[int]) -> list[Weight]:
+    """A stacked solve's result cut back into the layers' row ranges."""
+    if len(rows) == 1:
+        return [qw]
+    assert isinstance(qw, QuantizedWeight) and qw.scheme.group_axis == 1 and qw.scheme.strategy != "tensor"
+    out, a = [], 0
+    for r in rows:
+        out.append(QuantizedWeight(qw.qdata[a:a + r].clone(), qw.scale[a:a + r].clone(),
+                                   None if qw.zero is None else qw.zero[a:a + r].clone(), qw.scheme, dict(qw.info)))
+        a += r
+    return out
 
 
 def _owl(model: nn.Module, layers: dict[str, tuple[Step, ...]], tokens: torch.Tensor | None, batch_size: int,
@@ -603,6 +666,7 @@ def run(
             raise ValueError(f"recipe {recipe.name!r} needs calibration data ({calib_methods}); pass calib=")
         report.calib_tokens = int(tokens.numel())
         inputs, calls = _capture(model, blocks, tokens, batch_size, device)
+        offload(inputs, device)
 
     bar = tqdm(range(len(blocks)), desc=f"compress {recipe.name}", unit="block", disable=not progress)
     for i in bar:
@@ -618,9 +682,7 @@ def run(
         _compress_block(block, bp, todo, mods, bs, device, report)
         bs.shared.clear()
         if i < last_calib_block:  # the next block sees this block's compressed outputs
-            with torch.inference_mode():
-                for j, call in enumerate(calls[i]):
-                    inputs[j] = _run_block(block, inputs[j], call)
+            rerun(block, inputs, calls[i], device)
         block.to(home)
         release_memory()
     bar.close()

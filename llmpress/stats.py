@@ -4,7 +4,27 @@ takes the layer input ``x`` [..., K] batch by batch (``update``) and returns the
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+
+
+@contextlib.contextmanager
+def _tf32(on: bool) -> Iterator[None]:
+    """TensorFloat-32 matmuls while ``on``. Lossless for inputs that were bf16/fp16 (their
+    mantissas fit TF32's 10 bits; products accumulate in float32) and several times faster than
+    full float32 on tensor-core GPUs: the Hessian of a 14336-wide layer over 262k tokens is
+    ~10^14 multiply-adds."""
+    if not on:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 class _HessianStat:
@@ -15,9 +35,11 @@ class _HessianStat:
         self.n = 0
 
     def update(self, x: torch.Tensor) -> None:
+        half = x.dtype in (torch.bfloat16, torch.float16)
         x = x.reshape(-1, x.shape[-1]).float()  # [B, S, K] -> [B*S, K]
         m = x.shape[0]
-        self.h.mul_(self.n / (self.n + m)).addmm_(x.t(), x, alpha=2.0 / (self.n + m))
+        with _tf32(x.is_cuda and half):
+            self.h.mul_(self.n / (self.n + m)).addmm_(x.t(), x, alpha=2.0 / (self.n + m))
         self.n += m
 
     def result(self) -> torch.Tensor:

@@ -123,16 +123,16 @@ def quantized_tensors(name: str, q: QuantLinear) -> dict[str, torch.Tensor]:
         out = {f"{name}.weight": q.qdata.cpu(), f"{name}.weight_scale": sc}
     else:
         out = {
-            f"{name}.weight_packed": pack_int32(q.qdata.cpu(), s.bits, dim=1),
+            f"{name}.weight_packed": pack_int32(q.qdata, s.bits, dim=1).cpu(),  # packed where it is (GPU: fast)
             f"{name}.weight_scale": q.scale.cpu(),
             f"{name}.weight_shape": torch.tensor(list(q.qdata.shape), dtype=torch.int64),
         }
     if q.input_scale is not None:
         out[f"{name}.input_scale"] = q.input_scale.cpu()
     if q.zero is not None:
-        z = q.zero.cpu().reshape(q.scale.shape[0], -1) if s.strategy != "tensor" else q.zero.cpu()
+        z = q.zero.reshape(q.scale.shape[0], -1) if s.strategy != "tensor" else q.zero
         packed = s.strategy in PACKED_ZP and layer_format(q) == "pack-quantized"
-        out[f"{name}.weight_zero_point"] = pack_int32(z, s.bits, dim=0) if packed else z
+        out[f"{name}.weight_zero_point"] = (pack_int32(z, s.bits, dim=0) if packed else z).cpu()
     if q.bias is not None:
         out[f"{name}.bias"] = q.bias.detach().cpu()
     return out
@@ -165,15 +165,19 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def quantization_config(model: nn.Module) -> dict | None:
+def quantization_config(model: nn.Module, sparsity_config: dict | None = None) -> dict | None:
+    """The ``quantization_config`` entry of config.json. ``sparsity_config`` given: use it
+    instead of scanning the weights for zeros (a streamed model's blocks are gone by then; only
+    its modules' types and schemes are read)."""
     groups: dict[tuple[QuantScheme, str, ActScheme | None], list[str]] = defaultdict(list)
     for n, m in model.named_modules():
         if isinstance(m, QuantLinear):
             groups[(m.scheme, layer_format(m), m.act)].append(n)
-    sparse_w = sparse.sparse_linears(model)
-    sparsity_config = sparse.sparsity_config(sparse_w) if sparse_w else {}
+    if sparsity_config is None:
+        sparse_w = sparse.sparse_linears(model)
+        sparsity_config = sparse.sparsity_config(sparse_w) if sparse_w else {}
     if not groups:
-        if not sparse_w:
+        if not sparsity_config:
             return None
         from compressed_tensors import __version__ as ct_version
 
@@ -274,38 +278,22 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_compressed(d: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
-    """Rebuild a pack-quantized compressed-tensors checkpoint with QuantLinear modules holding
-    the stored integers, scales and zero points bit for bit."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    d = Path(d)
-    cfg_d = json.loads((d / "config.json").read_text())
-    qc = cfg_d.get("quantization_config") or {}
+def _config_groups(qc: dict, d) -> list[tuple]:
+    """(targets, weight scheme, activation scheme, format) per config group, checked readable."""
     readable = ("pack-quantized", "int-quantized", "float-quantized", *LLMPRESS_FORMATS)
     groups = [(g["targets"], _scheme_from_args(g["weights"]), _act_from_args(g.get("input_activations")),
                g.get("format") or qc.get("format")) for g in qc.get("config_groups", {}).values()]
     for *_, fmt in groups:
         if fmt not in readable:
             raise ValueError(f"{d}: compressed-tensors format {fmt!r} is not supported yet (readable: {readable})")
-    config = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    lowrank = cfg_d.get("llmpress_lowrank") or {}
-    if hasattr(config, "llmpress_lowrank"):
-        del config.llmpress_lowrank
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    for name, r in lowrank.items():  # factor placeholders, filled by finish_load
-        mod = model.get_submodule(name)
-        n, k = mod.weight.shape
-        lw = LowRankWeight(torch.empty(n, int(r), device="meta", dtype=dtype),
-                           torch.empty(int(r), k, device="meta", dtype=dtype))
-        bias = torch.empty(n, device="meta", dtype=dtype) if getattr(mod, "bias", None) is not None else None
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, LowRankLinear(lw, bias))
-    tensors = _read_tensors(d)
+    return groups
+
+
+def attach_compressed(model: nn.Module, tensors: dict[str, torch.Tensor], qc: dict, dtype: torch.dtype, d) -> None:
+    """Turn the stored tensors of ``qc``'s quantized layers into QuantLinear modules of ``model``
+    and its bitmask-sparse weights back into dense ones, in place: what is used is popped from
+    ``tensors``, the plain tensors stay for ``load_state_dict``. ``d`` names the source in errors."""
+    groups = _config_groups(qc, d)
     sc = qc.get("sparsity_config") or {}
     if sc and sc.get("format") != "sparse-bitmask":
         raise ValueError(f"{d}: sparsity format {sc.get('format')!r} is not supported (readable: sparse-bitmask)")
@@ -342,6 +330,36 @@ def load_compressed(d: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         parent, _, child = name.rpartition(".")
         ql = QuantLinear(qw, bias, act, tensors.pop(f"{name}.input_scale", None))
         setattr(model.get_submodule(parent) if parent else model, child, ql)
+
+
+def load_compressed(d: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """Rebuild a pack-quantized compressed-tensors checkpoint with QuantLinear modules holding
+    the stored integers, scales and zero points bit for bit."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = Path(d)
+    cfg_d = json.loads((d / "config.json").read_text())
+    qc = cfg_d.get("quantization_config") or {}
+    _config_groups(qc, d)  # an unreadable format fails before any weight is read
+    config = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    lowrank = cfg_d.get("llmpress_lowrank") or {}
+    if hasattr(config, "llmpress_lowrank"):
+        del config.llmpress_lowrank
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for name, r in lowrank.items():  # factor placeholders, filled by finish_load
+        mod = model.get_submodule(name)
+        n, k = mod.weight.shape
+        lw = LowRankWeight(torch.empty(n, int(r), device="meta", dtype=dtype),
+                           torch.empty(int(r), k, device="meta", dtype=dtype))
+        bias = torch.empty(n, device="meta", dtype=dtype) if getattr(mod, "bias", None) is not None else None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, LowRankLinear(lw, bias))
+    tensors = _read_tensors(d)
+    attach_compressed(model, tensors, qc, dtype, d)
     return finish_load(model, tensors, d)
 
 

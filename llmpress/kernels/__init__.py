@@ -11,9 +11,11 @@ reason; a kernel never gives a wrong result silently.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -24,7 +26,26 @@ MODES = ("auto", "reference", "triton")
 _warned: set[str] = set()
 
 
+_FORCED: list[str] = []
+
+
+@contextlib.contextmanager
+def forced(m: str) -> Iterator[None]:
+    """Use mode ``m`` inside the block whatever ``LLMPRESS_KERNELS`` says. The calibration pass
+    re-runs compressed blocks on the reference path: deterministic (no autotuned split-K sums),
+    so a resumed run computes the same activations as an uninterrupted one."""
+    if m not in MODES:
+        raise ValueError(f"kernel mode {m!r}; allowed: {MODES}")
+    _FORCED.append(m)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
 def mode() -> str:
+    if _FORCED:
+        return _FORCED[-1]
     m = os.environ.get("LLMPRESS_KERNELS", "auto")
     if m not in MODES:
         raise ValueError(f"LLMPRESS_KERNELS={m!r}; allowed: {MODES}")

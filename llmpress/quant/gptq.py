@@ -64,6 +64,12 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int, name: str) -> 
     raise torch.linalg.LinAlgError(f"{name}: Cholesky failed even with damp={d / 10:.3g}")
 
 
+def _kernel_ok() -> bool:
+    from llmpress import kernels
+
+    return kernels.mode() != "reference" and kernels.triton_available()
+
+
 def gptq(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -71,6 +77,7 @@ def gptq(
     cfg: GPTQConfig = GPTQConfig(),
     name: str = "weight",
     mask: torch.Tensor | None = None,
+    kernel: bool | None = None,
 ) -> QuantizedWeight:
     """Quantize ``w`` [N, K] minimising ``||(W - Q) X||^2`` given ``H = 2 X X^T / n`` [K, K].
 
@@ -80,6 +87,10 @@ def gptq(
 
     Falls back to round-to-nearest (with a warning) only if H stays singular after every
     dampening retry; never returns NaN or inf.
+
+    ``kernel``: solve each lazy batch with the Triton kernel
+    (:mod:`llmpress.kernels.triton_gptq`); default: on a CUDA device when the groups are static
+    (act-order or static_groups) and ``LLMPRESS_KERNELS`` is not ``reference``.
     """
     if scheme.group_axis != 1:
         raise ValueError(f"{name}: GPTQ quantizes input columns in order; it needs group_axis 1, got {scheme.group_axis}")
@@ -133,37 +144,55 @@ def gptq(
         scale_all = scale_all.reshape(1, 1).expand(n, 1)
         zero_all = None if zero_all is None else zero_all.reshape(1, 1).expand(n, 1)
     loss = torch.zeros((), device=W.device)
+    if kernel is None:
+        kernel = static and W.is_cuda and scheme.type == "int" and cfg.block_size <= 128 and _kernel_ok()
+    elif kernel and not (static and scheme.type == "int" and cfg.block_size <= 128):
+        raise ValueError(f"{name}: the GPTQ kernel takes static integer groups and block_size <= 128")
 
     B = cfg.block_size
     for i1 in range(0, k, B):
         i2 = min(i1 + B, k)
         W1 = W[:, i1:i2].clone()  # [N, b]
         U1 = U[i1:i2, i1:i2]
-        E1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not static and col % gs == 0:  # lazy group params from the updated weights
-                cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]  # [N, gs]
-                s, z = compute_qparams(cur, QuantScheme(scheme.bits, scheme.symmetric, "channel", type=scheme.type),
-                                       cfg.observer, hdiag[col : col + gs])
-                scale_all[:, col // gs] = s[:, 0]
-                if z is not None:
-                    zero_all[:, col // gs] = z[:, 0]
-            g = col_group[col] if scheme.strategy == "group" else 0
-            s = scale_all[:, g]
-            z = zero_all[:, g].float() if zero_all is not None else 0.0
-            x = W1[:, i]
-            q = scheme.round(x / s + z)
-            if mask is not None:
-                q = torch.where(mask[:, col], q, z if zero_all is not None else torch.zeros_like(q))
-            dq = (q - z) * s
-            Q[:, col] = q.to(Q.dtype)
-            d = U1[i, i]
-            err = (x - dq) / d
-            loss += ((x - dq) ** 2).sum() / d**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)  # [N,1] x [1,b-i]
-            E1[:, i] = err
-        W[:, i1:i2] = W1
+        if static:  # each column's scale / zero point, gathered once per batch: [N, b]
+            cg = col_group[i1:i2] if scheme.strategy == "group" else torch.zeros(i2 - i1, dtype=torch.long,
+                                                                                   device=W.device)
+            S1 = scale_all[:, cg].float()
+            Z1 = None if zero_all is None else zero_all[:, cg].float()
+        M1 = None if mask is None else mask[:, i1:i2]
+        if kernel:
+            from llmpress.kernels.triton_gptq import gptq_block
+
+            Q1, E1 = gptq_block(W1, U1, S1, Z1, None if M1 is None else M1.to(torch.uint8),
+                                scheme.qmin, scheme.qmax)
+            Q[:, i1:i2] = Q1.to(Q.dtype)
+        else:
+            E1 = torch.zeros_like(W1)
+            for i in range(i2 - i1):
+                col = i1 + i
+                if not static and col % gs == 0:  # lazy group params from the updated weights
+                    cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]  # [N, gs]
+                    s, z = compute_qparams(cur, QuantScheme(scheme.bits, scheme.symmetric, "channel",
+                                                            type=scheme.type), cfg.observer, hdiag[col : col + gs])
+                    scale_all[:, col // gs] = s[:, 0]
+                    if z is not None:
+                        zero_all[:, col // gs] = z[:, 0]
+                if static:
+                    s = S1[:, i]
+                    z = Z1[:, i] if Z1 is not None else 0.0
+                else:
+                    s = scale_all[:, col // gs]
+                    z = zero_all[:, col // gs].float() if zero_all is not None else 0.0
+                x = W1[:, i]
+                q = scheme.round(x / s + z)
+                if M1 is not None:
+                    q = torch.where(M1[:, i], q, z if zero_all is not None else torch.zeros_like(q))
+                dq = (q - z) * s
+                Q[:, col] = q.to(Q.dtype)
+                err = (x - dq) / U1[i, i]
+                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)  # [N,1] x [1,b-i]
+                E1[:, i] = err
+        loss += (E1 * E1).sum() / 2  # sum (x - dq)^2 / d^2 / 2
         W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
 
     if perm is not None:

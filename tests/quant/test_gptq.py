@@ -72,3 +72,20 @@ def test_nan_statistics_rejected():
     h[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         gptq(w, h, QuantScheme(4, True, "group", 16), name="blk.q")
+
+
+def test_stacked_rows_solve_like_separate_layers():
+    """q/k/v (or gate/up) share one Hessian: one GPTQ solve on their stacked rows is the same
+    solve as three separate ones (the calibration pass relies on it)."""
+    from llmpress.calibrate import _split_rows
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 64, generator=g) * torch.rand(64, generator=g) * 2
+    h = 2 * x.T @ x / 512
+    ws = [torch.randn(n, 64, generator=g) for n in (32, 16, 16)]
+    for scheme in (QuantScheme(4, True, "group", 16), QuantScheme(3, False, "channel", None)):
+        parts = _split_rows(gptq(torch.cat(ws), h, scheme), [32, 16, 16])
+        for w, p in zip(ws, parts):
+            alone = gptq(w, h, scheme)
+            assert (p.qdata == alone.qdata).float().mean() > 0.999
+            torch.testing.assert_close(p.scale, alone.scale)
