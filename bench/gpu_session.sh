@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, then the kernel and/or decode benches. Logs under $OUT.
-# usage: bench/gpu_session.sh kernels|decode|spec|all [extra args]
+# usage: bench/gpu_session.sh kernels|decode|spec|scale|all [extra args]
 set -u
 OUT=${OUT:-/tmp/out}
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -15,6 +15,9 @@ case $what in
 esac
 case $what in
   decode|all) python3 bench/decode.py --out "$OUT" "$@" 2>&1 | tee "$OUT/decode.log" ;;
+esac
+case $what in
+  scale) python3 bench/scale.py --out "$OUT" --work /tmp/scale "$@" 2>&1 | grep -v "GPTQ | METRIC\|compress_module_list" | tee "$OUT/scale.log" ;;
 esac
 case $what in
   spec|all) python3 bench/decode.py --spec --out "$OUT" "$@" 2>&1 | tee "$OUT/spec.log" ;;

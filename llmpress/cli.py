@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="predict peak memory, size and time from config.json and stop")
     c.add_argument("--force", action="store_true", help="run even when the predicted peak memory exceeds what is free")
     c.add_argument("--trust-remote-code", action="store_true")
+    c.add_argument("--stream", action="store_true",
+                   help="read one block at a time from the safetensors shards and write each compressed block "
+                        "as it is done (models bigger than memory); resumes an interrupted run")
+    c.add_argument("--no-resume", action="store_true", help="with --stream: start over even if a partial run exists")
+    c.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="with --stream: compute and storage dtype (default: the checkpoint's)")
 
     e = sub.add_parser("eval", help="perplexity, KL and top-1 vs a base model, size and bits",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,6 +322,8 @@ def _compress(a: argparse.Namespace) -> dict:
         for line in pred.lines():
             print("  " + line)
         return {"recipe": r.to_dict(), "prediction": pred.to_dict()}
+    if a.stream:
+        return _compress_stream(a, r, out, pred)
     if not a.force:
         check_fits(pred)
     model = lp.load(a.model, trust_remote_code=a.trust_remote_code)
@@ -342,6 +350,40 @@ def _compress(a: argparse.Namespace) -> dict:
         result["eval"] = rows
     else:
         print(f"saved {out} ({len(rep.layers)} layers, {rep.seconds:.1f} s, peak RSS {rep.peak_rss_mb:.0f} MB)")
+    return result
+
+
+def _compress_stream(a: argparse.Namespace, r, out: Path, pred) -> dict:
+    import llmpress as lp
+    from llmpress import assets
+    import torch
+    from transformers import AutoTokenizer
+
+    from llmpress.stream import compress_streaming
+
+    src = str(assets.model_path(a.model)) if a.model in assets.MODELS else a.model
+    tokens = None
+    if r.needs_calibration:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=a.trust_remote_code)
+        tokens = lp.data.calibration(a.calib, a.n_samples, a.seqlen).tokens(tok)
+    rep = compress_streaming(src, r, tokens, out, device=a.device, batch_size=a.batch_size, overwrite=a.overwrite,
+                             resume=not a.no_resume, trust_remote_code=a.trust_remote_code,
+                             dtype=None if a.dtype == "auto" else getattr(torch, a.dtype))
+    gpu = "" if rep.peak_gpu_mb is None else f", peak GPU {rep.peak_gpu_mb / 1024:.1f} GB"
+    print(f"saved {out} ({len(rep.layers)} layers, streamed, {rep.seconds:.1f} s, peak RSS {rep.peak_rss_mb:.0f} MB{gpu})")
+    result = {"recipe": r.to_dict(), "output": str(out), "compression": rep.to_dict(), "prediction": pred.to_dict(),
+              "stream": True}
+    if a.eval:
+        from llmpress.eval.report import QUALITY_COLUMNS, table
+
+        base = lp.load(a.model, trust_remote_code=a.trust_remote_code)
+        model = lp.load(out)
+        ev = lp.evaluate_many({"base": base, r.name: model}, base, source=a.eval_corpus, n_windows=a.n_windows,
+                              seqlen=a.eval_seqlen, paths={r.name: out})
+        rows = [_row("base", ev["base"]), _row(r.name, ev[r.name], {"seconds": rep.seconds}, ev["base"].ppl)]
+        rows[0]["delta_ppl_pct"] = 0.0
+        print(table(rows, QUALITY_COLUMNS))
+        result["eval"] = rows
     return result
 
 

@@ -62,3 +62,16 @@ def test_export_gguf_and_errors(tmp_path, tiny_dir, capsys):
     err = capsys.readouterr().err
     assert "exists" in err and "unknown export format" in err and "q9_9" in err
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "tiny-llama"]
+
+
+def test_compress_stream_matches_in_memory(tmp_path, tiny_dir, text_file, capsys):
+    args = ["-r", "w4a16-gptq", "-g", "32", "--calib", str(text_file), "--n-samples", "4", "--seqlen", "32",
+            "--eval", "--n-windows", "2", "--eval-seqlen", "32", "--eval-corpus", str(text_file)]
+    assert main(["compress", str(tiny_dir), "-o", str(tmp_path / "a"), "--json", str(tmp_path / "a.json"), *args]) == 0
+    assert main(["compress", str(tiny_dir), "-o", str(tmp_path / "b"), "--json", str(tmp_path / "b.json"),
+                 "--stream", *args]) == 0
+    a, b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
+    assert b["stream"] and b["eval"][1]["kl"] == pytest.approx(a["eval"][1]["kl"], rel=1e-6)
+    assert (tmp_path / "b" / "tokenizer.json").exists()
+    assert main(["info", str(tmp_path / "b")]) == 0
+    assert "14 linear layers" in capsys.readouterr().out
