@@ -145,7 +145,7 @@ def child_ours(a) -> dict:
                              progress=True, overwrite=True)
     return {"tool": "llmpress", "seconds": time.perf_counter() - t0, "compress_seconds": rep.seconds,
             "peak_gpu_gb": None if rep.peak_gpu_mb is None else rep.peak_gpu_mb / 1024,
-            "peak_rss_gb": _peak_rss_gb(), "layers": len(rep.layers), "recipe": r.to_dict()}
+            "peak_rss_gb": _peak_rss_gb(), "layers": len(rep.layers), "recipe": r.to_dict(), "phases": rep.phases}
 
 
 def child_peer(a) -> dict:
@@ -275,6 +275,32 @@ def main() -> None:
         save_rows()
         print(json.dumps(row), flush=True)
 
+    if "check" in phases:  # the GPTQ kernel against the reference loop, on this device
+        sys.path.insert(0, str(ROOT))
+        from llmpress.quant.gptq import GPTQConfig, gptq
+        from llmpress.quant.primitives import QuantScheme
+
+        g = torch.Generator(device=a.device).manual_seed(0)
+        w = torch.randn(3072, 4096, generator=g, device=a.device)
+        x = torch.randn(8192, 4096, generator=g, device=a.device) * torch.rand(4096, generator=g, device=a.device) * 3
+        h = 2 * x.T @ x / x.shape[0]
+        chk = {}
+        for kern in (False, True):
+            gptq(w[:256], h, QuantScheme(4, True, "group", 128), kernel=kern)  # warm-up / compile
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            q = gptq(w, h, QuantScheme(4, True, "group", 128), GPTQConfig(), kernel=kern)
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            chk["kernel" if kern else "reference"] = (q, time.perf_counter() - t0)
+        (qr, tr), (qk, tk) = chk["reference"], chk["kernel"]
+        results["gptq_kernel_check"] = {"shape": [3072, 4096], "same_codes": float((qr.qdata == qk.qdata).float().mean()),
+                                        "loss_reference": qr.info["gptq_loss"], "loss_kernel": qk.info["gptq_loss"],
+                                        "seconds_reference": tr, "seconds_kernel": tk, "speedup": tr / tk}
+        save_rows()
+        print(json.dumps(results["gptq_kernel_check"]), flush=True)
+
     full = build(work, a.shape, max(blocks + [a.peer_blocks, a.resume_blocks]), a.device)
     calib = tokens(work, a.shape, a.n_samples, a.seqlen, 0, "calib")
     held = tokens(work, a.shape, 8, a.seqlen, 1, "held")
@@ -287,7 +313,7 @@ def main() -> None:
             r = run_child("ours", ["--model", str(d), "--output", str(work / f"ours-{n}"), *common])
             add({"tool": "llmpress", "model_shape": shape_name, "blocks": n, "method": "gptq w4 g128 (stream)",
                  "seconds": r["seconds"], "seconds_per_block": r["seconds"] / n, "peak_gpu_gb": r["peak_gpu_gb"],
-                 "peak_rss_gb": r["peak_rss_gb"], "run": "full"})
+                 "peak_rss_gb": r["peak_rss_gb"], "run": "full", "phases": r["phases"]})
     if "resume" in phases and a.resume_blocks:
         n = a.resume_blocks
         d = variant(full, n)

@@ -438,6 +438,7 @@ class CompressionReport:
     calib_tokens: int = 0
     device: str = "cpu"
     structure: list[dict] = field(default_factory=list)  # model-level edits (blocks removed)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds by phase (streaming)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

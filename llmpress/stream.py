@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -253,10 +254,26 @@ def compress_streaming(
     if still:
         raise ShardError(f"{src}: the shards hold no tensor {still[:5]}")
 
-    def load_block(i: int) -> nn.Module:
+    reader = ThreadPoolExecutor(1, thread_name_prefix="llmpress-read")  # next block's weights, while this one runs
+    writer = ThreadPoolExecutor(1, thread_name_prefix="llmpress-write")  # finished shards, while the next one runs
+    phases: dict[str, float] = defaultdict(float)
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        phases[name] += now - clock[0]
+        clock[0] = now
+
+    def read(i: int) -> dict[str, torch.Tensor]:
         bp = f"{prefix}{i}."
         names = [k for k in block_keys if k.startswith(bp)]
-        _assign(blocks[i], {k[len(bp):]: v for k, v in shards.load(names, device, dtype).items()}, f"block {i}")
+        return {k[len(bp):]: v for k, v in shards.load(names, home, dtype).items()}
+
+    def load_block(i: int, pending=None) -> nn.Module:
+        tensors = pending.result() if pending is not None else read(i)
+        _assign(blocks[i], {k: v.to(device, non_blocking=True) for k, v in tensors.items()}, f"block {i}")
         return blocks[i]
 
     def reload_done(i: int) -> nn.Module:  # a finished block, from its output shard
@@ -266,6 +283,30 @@ def compress_streaming(
         ct.attach_compressed(blocks[i], tensors, state["blocks"][str(i)]["qc"] or {}, dtype, partial / shard_of[i])
         _assign(blocks[i], tensors, f"block {i} of {partial}")
         return blocks[i].to(device)
+
+    def rest_tensors() -> tuple[dict[str, torch.Tensor], dict]:
+        saved = list(blocks)
+        for j in range(n_blocks):
+            blocks[j] = nn.Identity()  # the rest of the model without the blocks
+        try:
+            return ct.state_dict(model), _sparse_info(model, "")
+        finally:
+            for j in range(n_blocks):
+                blocks[j] = saved[j]
+
+    def write(i: int, tensors: dict[str, torch.Tensor], rec: dict) -> None:
+        _write_atomic(tensors, partial / shard_of[i])
+        state["blocks"][str(i)] = rec
+        state["done"] = i + 1
+        _write_json(state, partial / PROGRESS)  # only after the shard is on disk
+
+    outside_work = bool(by_block.get(None))
+    rest_write = None
+    sparse_info: dict = {}
+    if not outside_work:  # nothing outside the blocks changes: write that shard now, in the background
+        rest, sparse_info = rest_tensors()
+        rest_write = writer.submit(_write_atomic, rest, partial / shard_of[-1])
+        del rest
 
     inputs: list[torch.Tensor] = []
     calls: list[list[tuple]] = []
@@ -283,53 +324,67 @@ def compress_streaming(
             calibrate.rerun(reload_done(i), inputs, calls[i], device)
         blocks[i].to("meta")
         release_memory()
+    lap("setup")
 
     bar = tqdm(range(state["done"], n_blocks), desc=f"stream {recipe.name}", unit="block", disable=not progress,
                initial=state["done"], total=n_blocks)
-    for i in bar:
-        bp = f"{prefix}{i}."
-        todo = {n[len(bp):]: s for n, s in by_block.get(i, {}).items()}
-        block = load_block(i)
-        if device.type == "cuda":
-            bar.set_postfix_str(f"GPU peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB", refresh=False)
-        n_before = len(report.layers)
-        if todo:
-            mods = calibrate.block_linears(block)
-            bs = calibrate._block_stats(block, todo, mods, inputs, calls[i] if calls else [], device)
-            calibrate._compress_block(block, bp, todo, mods, bs, device, report)
-            bs.shared.clear()
-        if i < last_calib:
-            calibrate.rerun(block, inputs, calls[i], device)
-        tensors = {bp + k: v for k, v in ct.state_dict(block).items()}
-        qc = ct.quantization_config(block)
-        _write_atomic(tensors, partial / shard_of[i])
-        state["blocks"][str(i)] = {"layers": report.layers[n_before:], "qc": qc, "sparse": _sparse_info(block, bp)}
-        state["done"] = i + 1
-        _write_json(state, partial / PROGRESS)
-        block.to("meta")
-        del tensors
-        release_memory()
-    bar.close()
+    pending = reader.submit(read, state["done"]) if state["done"] < n_blocks else None
+    last_write = None
+    try:
+        for i in bar:
+            bp = f"{prefix}{i}."
+            todo = {n[len(bp):]: s for n, s in by_block.get(i, {}).items()}
+            block = load_block(i, pending)
+            pending = reader.submit(read, i + 1) if i + 1 < n_blocks else None
+            lap("read")
+            n_before = len(report.layers)
+            if todo:
+                mods = calibrate.block_linears(block)
+                bs = calibrate._block_stats(block, todo, mods, inputs, calls[i] if calls else [], device)
+                lap("statistics")
+                calibrate._compress_block(block, bp, todo, mods, bs, device, report)
+                bs.shared.clear()
+                lap("solve")
+            if i < last_calib:
+                calibrate.rerun(block, inputs, calls[i], device)
+                lap("rerun")
+            tensors = {bp + k: v for k, v in ct.state_dict(block).items()}
+            rec = {"layers": report.layers[n_before:], "qc": ct.quantization_config(block),
+                   "sparse": _sparse_info(block, bp)}
+            block.to("meta")
+            lap("pack")
+            if last_write is not None:
+                last_write.result()  # at most one shard in flight; a failed write stops the run here
+            last_write = writer.submit(write, i, tensors, rec)
+            del tensors
+            lap("write")
+            release_memory()
+            if device.type == "cuda":
+                bar.set_postfix_str(f"GPU peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB", refresh=False)
+        bar.close()
+        if last_write is not None:
+            last_write.result()
+        if rest_write is not None:
+            rest_write.result()
+        lap("write")
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
     inputs.clear()
 
     # outside the blocks: calibration-free methods (checked by plan), on the host
-    for name, steps in by_block.get(None, {}).items():
-        mod = model.get_submodule(name)
-        if getattr(model.config, "tie_word_embeddings", False) and name == "lm_head":
-            model.config.tie_word_embeddings = False
-            if isinstance(steps[0], PruneStep):
-                mod.weight = nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
-        calibrate._compress_block(model, "", {name: steps}, {name: mod}, calibrate._BlockStats(), home, report)
-    saved = list(blocks)
-    for i in range(n_blocks):
-        blocks[i] = nn.Identity()  # the rest of the model without the (already written) blocks
-    try:
-        rest = ct.state_dict(model)
-        sparse_info = _sparse_info(model, "")
-    finally:
-        for i in range(n_blocks):
-            blocks[i] = saved[i]
-    _write_atomic(rest, partial / shard_of[-1])
+    if outside_work:
+        for name, steps in by_block[None].items():
+            mod = model.get_submodule(name)
+            if getattr(model.config, "tie_word_embeddings", False) and name == "lm_head":
+                model.config.tie_word_embeddings = False
+                if isinstance(steps[0], PruneStep):
+                    mod.weight = nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
+            calibrate._compress_block(model, "", {name: steps}, {name: mod}, calibrate._BlockStats(), home, report)
+        rest, sparse_info = rest_tensors()
+        _write_atomic(rest, partial / shard_of[-1])
+        del rest
+        lap("outside blocks")
 
     # config, index, tokenizer; then the partial directory becomes the output
     for i in range(n_blocks):
@@ -364,10 +419,13 @@ def compress_streaming(
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(partial, out)
+    lap("finish")
+    report.phases = {k: round(v, 3) for k, v in phases.items()}
     report.seconds = time.perf_counter() - t0
     report.peak_rss_mb = peak_rss_mb()
     if device.type == "cuda":
         report.peak_gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    log.info("time by phase: %s", ", ".join(f"{k} {v:.1f}s" for k, v in report.phases.items()))
     log.info("streamed %d blocks (%d layers) with %s in %.1fs -> %s", n_blocks, len(report.layers), recipe.name,
              report.seconds, out)
     return report
