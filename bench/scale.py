@@ -294,6 +294,27 @@ def main() -> None:
             if a.device == "cuda":
                 torch.cuda.synchronize()
             chk["kernel" if kern else "reference"] = (q, time.perf_counter() - t0)
+        from llmpress import stats
+
+        xb = (torch.randn(16384, 4096, generator=g, device=a.device) * 2).bfloat16()
+        exact = (xb.double().T @ xb.double()) * 2 / xb.shape[0]
+        hs = {}
+        for fast in (False, True):
+            stats._MM_OUT_DTYPE[0] = fast
+            st = stats.STATS["hessian"](4096, torch.device(a.device))
+            st.update(xb)
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(4):
+                st.update(xb)
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            hs["bf16-mm" if fast else "tf32"] = {"seconds_4_updates": time.perf_counter() - t0,
+                                                 "rel_err": float((st.result().double() - exact).norm() / exact.norm())}
+        stats._MM_OUT_DTYPE[0] = True
+        results["hessian_check"] = hs
+        print(json.dumps(hs), flush=True)
         (qr, tr), (qk, tk) = chk["reference"], chk["kernel"]
         results["gptq_kernel_check"] = {"shape": [3072, 4096], "same_codes": float((qr.qdata == qk.qdata).float().mean()),
                                         "loss_reference": qr.info["gptq_loss"], "loss_kernel": qk.info["gptq_loss"],
