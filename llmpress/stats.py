@@ -1,6 +1,11 @@
 """Statistics the calibration pass collects with forward hooks, one class per kind. Each
 takes the layer input ``x`` [..., K] batch by batch (``update``) and returns the statistic
-(``result``). A method names the ones it needs in ``llmpress.calibrate.SOLVERS``."""
+(``result``). A method names the ones it needs in ``llmpress.calibrate.SOLVERS``.
+
+Every statistic is a mean, a maximum or a sample over calibration rows, so shares computed
+on different samples combine exactly: ``merge`` folds in another share, ``all_reduce``
+combines the shares of every process of a ``torch.distributed`` group (the seam a multi-GPU
+calibration uses: each process runs the block on its share of the samples)."""
 
 from __future__ import annotations
 
@@ -57,6 +62,35 @@ class _HessianStat:
     def result(self) -> torch.Tensor:
         return self.h
 
+    def merge(self, other: _HessianStat) -> None:
+        """Fold in the statistic of other samples (another process's share)."""
+        _merge_mean(self, "h", other.h, other.n)
+
+    def all_reduce(self, group=None) -> None:
+        _all_reduce_mean(self, "h", group)
+
+
+def _merge_mean(st, attr: str, other: torch.Tensor, n: int) -> None:
+    total = st.n + n
+    if total:
+        cur = getattr(st, attr)
+        cur.mul_(st.n / total).add_(other.to(cur.device), alpha=n / total)
+    st.n = total
+
+
+def _all_reduce_mean(st, attr: str, group) -> None:
+    """Mean over every process's samples: sum of (mean x count) and of counts."""
+    import torch.distributed as dist
+
+    cur = getattr(st, attr)
+    n = torch.tensor([float(st.n)], dtype=torch.float64, device=cur.device)
+    cur.mul_(st.n)
+    dist.all_reduce(cur, group=group)
+    dist.all_reduce(n, group=group)
+    st.n = int(n.item())
+    if st.n:
+        cur.div_(st.n)
+
 
 class _ChannelMeanStat:
     """Running mean of ``fn(x)`` per input channel."""
@@ -75,6 +109,12 @@ class _ChannelMeanStat:
 
     def result(self) -> torch.Tensor:
         return self.s
+
+    def merge(self, other: _ChannelMeanStat) -> None:
+        _merge_mean(self, "s", other.s, other.n)
+
+    def all_reduce(self, group=None) -> None:
+        _all_reduce_mean(self, "s", group)
 
 
 class _AbsMeanStat(_ChannelMeanStat):
@@ -101,6 +141,14 @@ class _AbsMaxStat:
     def result(self) -> torch.Tensor:
         return self.m
 
+    def merge(self, other: _AbsMaxStat) -> None:
+        torch.maximum(self.m, other.m.to(self.m.device), out=self.m)
+
+    def all_reduce(self, group=None) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(self.m, op=dist.ReduceOp.MAX, group=group)
+
 
 class _SampleStat:
     """A fixed-seed subsample of input rows (up to ``cap``), for searches that need the
@@ -121,6 +169,14 @@ class _SampleStat:
 
     def result(self) -> torch.Tensor:
         return torch.cat(self.rows)
+
+    def merge(self, other: _SampleStat) -> None:
+        self.rows.extend(r.to(self.rows[0].device) if self.rows else r for r in other.rows)
+        self.n += other.n
+
+    def all_reduce(self, group=None) -> None:
+        raise NotImplementedError("the row sample (SmoothQuant's alpha search) is not reduced across processes "
+                                  "yet; use a fixed smoothquant alpha with several processes")
 
 
 STATS = {"hessian": _HessianStat, "absmean": _AbsMeanStat, "absmax": _AbsMaxStat, "xsample": _SampleStat,
