@@ -139,13 +139,38 @@ def child_ours(a) -> dict:
     import llmpress as lp
     from llmpress.stream import compress_streaming
 
+    device, world, rank = a.device, int(os.environ.get("WORLD_SIZE", "1")), 0
+    if world > 1:  # under torchrun: one process per GPU, NCCL (gloo on the CPU)
+        import torch.distributed as dist
+
+        if device == "cuda":  # (ranks share the GPUs round-robin when there are fewer: a functional check)
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+            device = f"cuda:{torch.cuda.current_device()}"
+        backend = os.environ.get("LLMPRESS_DIST_BACKEND") or ("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend)
+        rank = dist.get_rank()
     t0 = time.perf_counter()
     r = lp.recipe(a.recipe, group_size=128)
-    rep = compress_streaming(a.model, r, _read_tokens(a.tokens), a.output, device=a.device, batch_size=a.batch_size,
-                             progress=True, overwrite=True)
-    return {"tool": "llmpress", "seconds": time.perf_counter() - t0, "compress_seconds": rep.seconds,
-            "peak_gpu_gb": None if rep.peak_gpu_mb is None else rep.peak_gpu_mb / 1024,
-            "peak_rss_gb": _peak_rss_gb(), "layers": len(rep.layers), "recipe": r.to_dict(), "phases": rep.phases}
+    rep = compress_streaming(a.model, r, _read_tokens(a.tokens), a.output, device=device, batch_size=a.batch_size,
+                             progress=rank == 0, overwrite=True)
+    sec = time.perf_counter() - t0
+    gpu = 0.0 if rep.peak_gpu_mb is None else rep.peak_gpu_mb / 1024
+    rss = _peak_rss_gb()
+    rss_sum = rss
+    if world > 1:  # the largest GPU peak of any rank, host memory summed over the processes
+        stats = torch.tensor([gpu, rss, sec], dtype=torch.float64, device=device)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        tot = torch.tensor([rss], dtype=torch.float64, device=device)
+        dist.all_reduce(tot)
+        gpu, rss, sec = stats.tolist()
+        rss_sum = float(tot.item())
+        dist.destroy_process_group()
+        if rank != 0:
+            return None
+    return {"tool": "llmpress", "seconds": sec, "compress_seconds": rep.seconds,
+            "peak_gpu_gb": gpu if rep.peak_gpu_mb is not None else None, "gpus": world,
+            "peak_rss_gb": rss, "peak_rss_gb_all_processes": rss_sum, "layers": len(rep.layers), "recipe": r.to_dict(),
+            "phases": rep.phases}
 
 
 def child_peer(a) -> dict:
@@ -200,10 +225,11 @@ def child_error(a) -> dict:
 
 
 def run_child(kind: str, args: list[str], env: dict | None = None, kill_when=None, timeout: float = 3000,
-              python: str | None = None) -> dict:
+              python: str | None = None, gpus: int = 1) -> dict:
     j = Path(f"/tmp/scale-child-{kind}-{os.getpid()}.json")
     j.unlink(missing_ok=True)
-    cmd = [python or sys.executable, __file__, "--child", kind, "--json", str(j), *args]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"] if gpus > 1 else []
+    cmd = [python or sys.executable, *launcher, __file__, "--child", kind, "--json", str(j), *args]
     print("$", " ".join(cmd), flush=True)
     p = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
     t0 = time.perf_counter()
@@ -245,12 +271,14 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--phases", default="build,ours,resume,peer,error")
+    ap.add_argument("--gpus", default="1", help="GPU counts for the 'ours' phase, e.g. 1,2 (torchrun, NCCL)")
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter with llmcompressor (its own venv)")
     a = ap.parse_args()
 
     if a.child:
         res = {"ours": child_ours, "peer": child_peer, "error": child_error}[a.child](a)
-        Path(a.json).write_text(json.dumps(res))
+        if res is not None:
+            Path(a.json).write_text(json.dumps(res))
         return
 
     work = Path(a.work)
@@ -258,6 +286,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     phases = a.phases.split(",")
+    gpu_counts = [int(x) for x in a.gpus.split(",")]
     blocks = [int(x) for x in a.blocks.split(",")]
     device_name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     res_path = out / ("scale.json" if a.shape == "llama3-8b" else f"scale-{a.shape}.json")
@@ -270,7 +299,8 @@ def main() -> None:
         res_path.write_text(json.dumps(results, indent=2))
 
     def add(row: dict) -> None:
-        rows[:] = [r for r in rows if (r["tool"], r["blocks"], r.get("run")) != (row["tool"], row["blocks"], row.get("run"))]
+        key = (row["tool"], row["blocks"], row.get("run"), row.get("gpus"))
+        rows[:] = [r for r in rows if (r["tool"], r["blocks"], r.get("run"), r.get("gpus")) != key]
         rows.append(row)
         save_rows()
         print(json.dumps(row), flush=True)
@@ -331,10 +361,22 @@ def main() -> None:
     if "ours" in phases:
         for n in blocks:
             d = variant(full, n)
-            r = run_child("ours", ["--model", str(d), "--output", str(work / f"ours-{n}"), *common])
-            add({"tool": "llmpress", "model_shape": shape_name, "blocks": n, "method": "gptq w4 g128 (stream)",
-                 "seconds": r["seconds"], "seconds_per_block": r["seconds"] / n, "peak_gpu_gb": r["peak_gpu_gb"],
-                 "peak_rss_gb": r["peak_rss_gb"], "run": "full", "phases": r["phases"]})
+            for g in gpu_counts:
+                r = run_child("ours", ["--model", str(d), "--output", str(work / f"ours-{n}-g{g}"), *common], gpus=g)
+                add({"tool": "llmpress", "model_shape": shape_name, "blocks": n, "gpus": g,
+                     "method": "gptq w4 g128 (stream)", "seconds": r["seconds"], "seconds_per_block": r["seconds"] / n,
+                     "peak_gpu_gb": r["peak_gpu_gb"], "peak_rss_gb": r["peak_rss_gb"],
+                     "peak_rss_gb_all_processes": r["peak_rss_gb_all_processes"], "run": f"full-{g}gpu",
+                     "phases": r["phases"]})
+            if len(gpu_counts) > 1:  # several GPUs against one, same run: speed-up and agreement
+                base, multi = work / f"ours-{n}-g{gpu_counts[0]}", work / f"ours-{n}-g{gpu_counts[-1]}"
+                rows_n = {x["gpus"]: x for x in rows if x["blocks"] == n and x.get("gpus")}
+                results.setdefault("multi_gpu", {})[str(n)] = {
+                    "speedup": rows_n[gpu_counts[0]]["seconds"] / rows_n[gpu_counts[-1]]["seconds"],
+                    "agreement": run_child("error", ["--model", str(d), "--tokens", str(held), "--device", a.device,
+                                                     "--compare", f"one={base},several={multi}"])}
+                save_rows()
+                print(json.dumps(results["multi_gpu"][str(n)]), flush=True)
     if "resume" in phases and a.resume_blocks:
         n = a.resume_blocks
         d = variant(full, n)

@@ -203,6 +203,84 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, tuple[Step, ...]]:
     return out
 
 
+# --- several processes ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a ``torch.distributed`` group that calibrates together: each
+    rank runs the blocks on its share of the calibration samples, statistics are all-reduced,
+    the solves of a block are spread over the ranks and their results broadcast."""
+
+    rank: int = 0
+    world: int = 1
+    group: Any = None
+
+    @classmethod
+    def current(cls, group: Any = None) -> Dist:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        return cls(dist.get_rank(group), dist.get_world_size(group), group)
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def share(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This rank's calibration samples (contiguous shares, the first ranks one larger)."""
+        return torch.tensor_split(tokens, self.world)[self.rank] if self.active else tokens
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)
+
+
+def _owners(units: list[list[str]], mods: dict[str, nn.Module], world: int) -> list[int]:
+    """Rank solving each unit: largest first onto the least loaded rank; cost ~ K^2 (N + K)
+    (GPTQ's trailing updates and its Cholesky factorisations)."""
+    cost = []
+    for names in units:
+        n = sum(linear_weight(mods[ln]).shape[0] for ln in names)
+        k = linear_weight(mods[names[0]]).shape[1]
+        cost.append(k * k * (n + k))
+    load = [0.0] * world
+    owner = [0] * len(units)
+    for i in sorted(range(len(units)), key=lambda i: -cost[i]):
+        r = min(range(world), key=lambda r: load[r])
+        owner[i] = r
+        load[r] += cost[i]
+    return owner
+
+
+def _broadcast_quantized(qw: QuantizedWeight | None, src: int, d: Dist, device: torch.device,
+                         header: dict | None = None) -> tuple[QuantizedWeight, dict]:
+    """``qw`` (and a small picklable ``header``) from rank ``src`` to every rank."""
+    import torch.distributed as dist
+
+    meta = [None]
+    if d.rank == src:
+        meta[0] = {"scheme": qw.scheme, "info": qw.info, "header": header,
+                   "tensors": [(k, tuple(t.shape), t.dtype) for k, t in
+                               (("qdata", qw.qdata), ("scale", qw.scale), ("zero", qw.zero)) if t is not None]}
+    dist.broadcast_object_list(meta, src=src, group=d.group, device=device if device.type == "cuda" else None)
+    m = meta[0]
+    got = {}
+    for k, shape, dtype in m["tensors"]:  # as raw bytes: every backend broadcasts uint8 (gloo has no int8)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if d.rank == src:
+            u = getattr(qw, k).detach().contiguous().reshape(-1).view(torch.uint8).to(device)
+        else:
+            u = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dist.broadcast(u, src=src, group=d.group)
+        got[k] = u.view(dtype).reshape(shape)
+    if d.rank == src:
+        return qw, m["header"]
+    return QuantizedWeight(got["qdata"], got["scale"], got.get("zero"), m["scheme"], dict(m["info"])), m["header"]
+
+
 # --- block input capture -------------------------------------------------------------------
 
 class _StopForward(Exception):
@@ -325,7 +403,7 @@ class _BlockStats:
 
 def _block_stats(
     block: nn.Module, todo: dict[str, tuple[Step, ...]], mods: dict[str, nn.Module],
-    inputs: list[torch.Tensor], calls: list[tuple], device: torch.device,
+    inputs: list[torch.Tensor], calls: list[tuple], device: torch.device, dist_ctx: Dist | None = None,
 ) -> _BlockStats:
     """Run the block over the calibration inputs once with hooks and collect every statistic
     any step of the block's layers needs. A short trace on the first batch finds the linears
@@ -358,6 +436,10 @@ def _block_stats(
     finally:
         for h in hooks:
             h.remove()
+    if dist_ctx is not None and dist_ctx.active:  # every rank saw its share of the samples
+        for col in collectors.values():
+            for c in col.values():
+                c.all_reduce(dist_ctx.group)
     shared = {own: {s: c.result() for s, c in col.items()} for own, col in collectors.items()}
     return _BlockStats(shared, owner, groups, ref, first_batch)
 
@@ -372,7 +454,7 @@ def _fake_quant(step: QuantStep) -> Callable[[torch.Tensor], torch.Tensor]:
     return q
 
 
-def _scale_block(block, todo, mods, groups, shared, scaled, ref, rerun) -> dict[str, dict]:
+def _scale_block(block, todo, mods, groups, shared, scaled, ref, rerun, dist_ctx: Dist | None = None) -> dict[str, dict]:
     """AWQ / SmoothQuant scales for every group of linears whose step asks for them, folded
     into the op producing their input; the shared statistics are updated to what the scaled
     layers now see (x / s). A fold that changes the float block output is undone."""
@@ -416,6 +498,12 @@ def _scale_block(block, todo, mods, groups, shared, scaled, ref, rerun) -> dict[
         with torch.inference_mode():
             out = rerun()
             ok, rel = fold.same_output(ref, out, tol=1e-4 if out.dtype == torch.float32 else 3e-2)
+        if dist_ctx is not None and dist_ctx.active:  # each rank checked its own batch: all must agree
+            import torch.distributed as dist
+
+            flag = torch.tensor([1 if ok else 0], device=out.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=dist_ctx.group)
+            ok = bool(flag.item())
         if not ok:
             log.warning("scale folding changed the float output of a %s (rel. error %.2e); this block "
                         "keeps plain scales", type(block).__name__, rel)
@@ -481,7 +569,8 @@ def _record(report: CompressionReport, name: str, step: Step, w: torch.Tensor, c
 
 
 def _compress_block(block: nn.Module, bp: str, todo: dict[str, tuple[Step, ...]], mods: dict[str, nn.Module],
-                    bs: _BlockStats, device: torch.device, report: CompressionReport) -> None:
+                    bs: _BlockStats, device: torch.device, report: CompressionReport,
+                    dist_ctx: Dist | None = None) -> None:
     """Pruning steps first (weights zeroed in place, masks kept), then scale folds (AWQ /
     SmoothQuant, checked against the pruned block's output), then quantization keeping the masks."""
     masks: dict[str, torch.Tensor] = {}
@@ -535,8 +624,18 @@ def _compress_block(block: nn.Module, bp: str, todo: dict[str, tuple[Step, ...]]
         if masks:  # folds must keep the pruned block's output
             with torch.inference_mode():
                 ref = bs.first_batch()
-        extra = _scale_block(block, quant, mods, bs.groups, bs.shared, scaled, ref, bs.first_batch)
-    for names in _stacked(quant, bs, masks):
+        extra = _scale_block(block, quant, mods, bs.groups, bs.shared, scaled, ref, bs.first_batch, dist_ctx)
+    units = _stacked(quant, bs, masks)
+    spread = dist_ctx is not None and dist_ctx.active
+    # with several ranks, integer solves are spread over them and broadcast (code books are
+    # calibration-free and cheap: every rank computes them)
+    owner = _owners(units, mods, dist_ctx.world) if spread else [0] * len(units)
+    local = [not spread or quant[u[0]].method in ("nf4", "fp4") or owner[i] == dist_ctx.rank
+             for i, u in enumerate(units)]
+    solved: dict[int, list] = {}
+    for i, names in enumerate(units):
+        if not local[i]:
+            continue
         ts = time.perf_counter()
         step = quant[names[0]]
         ws = [linear_weight(mods[ln]).detach() for ln in names]
@@ -545,7 +644,18 @@ def _compress_block(block: nn.Module, bp: str, todo: dict[str, tuple[Step, ...]]
             st["mask"] = masks[names[0]]
         qws = _split_rows(SOLVERS[step.method][0](torch.cat(ws) if len(ws) > 1 else ws[0], st, step,
                                                   bp + "+".join(names)), [w.shape[0] for w in ws])
-        for ln, w, qw in zip(names, ws, qws, strict=True):
+        solved[i] = [(ln, w, qw, ts) for ln, w, qw in zip(names, ws, qws, strict=True)]
+    for i, names in enumerate(units):
+        step = quant[names[0]]
+        st = dict(bs.of(names[0]))
+        broadcast = spread and step.method not in ("nf4", "fp4")
+        if not local[i]:  # solved on another rank: its weights and report rows arrive in order
+            for ln in names:
+                qw, rec = _broadcast_quantized(None, owner[i], dist_ctx, device)
+                _swap(block, ln, mods[ln], qw, device, step, st)
+                report.layers.append(rec)
+            continue
+        for ln, w, qw, ts in solved[i]:
             qw.info.update(extra.get(ln, {}))
             if len(names) > 1:
                 qw.info["solved_with"] = [x for x in names if x != ln]
@@ -553,7 +663,9 @@ def _compress_block(block: nn.Module, bp: str, todo: dict[str, tuple[Step, ...]]
                 qw.info["sparsity"] = float((qw.dequantize(torch.float32) == 0).float().mean())
             new = _swap(block, ln, mods[ln], qw, device, step, st)
             _record(report, bp + ln, step, w, qw, new.describe(), ts)
-            ts = time.perf_counter()
+            if broadcast:
+                report.layers[-1]["rank"] = dist_ctx.rank
+                _broadcast_quantized(qw, owner[i], dist_ctx, device, header=report.layers[-1])
 
 
 def _stacked(quant: dict[str, QuantStep], bs: _BlockStats, masks: dict) -> list[list[str]]:

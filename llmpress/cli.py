@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="read one block at a time from the safetensors shards and write each compressed block "
                         "as it is done (models bigger than memory); resumes an interrupted run")
     c.add_argument("--no-resume", action="store_true", help="with --stream: start over even if a partial run exists")
+    c.add_argument("--gpus", type=int, default=1,
+                   help="with --stream: calibrate on N GPUs of this host (relaunches itself under torchrun; "
+                        "or run `torchrun --nproc-per-node N -m llmpress compress ... --stream`)")
     c.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="with --stream: compute and storage dtype (default: the checkpoint's)")
 
@@ -362,17 +366,32 @@ def _compress_stream(a: argparse.Namespace, r, out: Path, pred) -> dict:
     from llmpress.stream import compress_streaming
 
     src = str(assets.model_path(a.model)) if a.model in assets.MODELS else a.model
+    device = a.device
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0
+    if world > 1:  # one of torchrun's processes: join the group (NCCL on GPUs, gloo on the CPU)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            cuda = (device or "").startswith("cuda")
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                device = f"cuda:{torch.cuda.current_device()}"
+            dist.init_process_group("nccl" if cuda else "gloo")
+        rank = dist.get_rank()
     tokens = None
     if r.needs_calibration:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=a.trust_remote_code)
         tokens = lp.data.calibration(a.calib, a.n_samples, a.seqlen).tokens(tok)
-    rep = compress_streaming(src, r, tokens, out, device=a.device, batch_size=a.batch_size, overwrite=a.overwrite,
+    rep = compress_streaming(src, r, tokens, out, device=device, batch_size=a.batch_size, overwrite=a.overwrite,
                              resume=not a.no_resume, trust_remote_code=a.trust_remote_code,
-                             dtype=None if a.dtype == "auto" else getattr(torch, a.dtype))
+                             dtype=None if a.dtype == "auto" else getattr(torch, a.dtype), progress=rank == 0)
+    if rank != 0:
+        return {"rank": rank}
     gpu = "" if rep.peak_gpu_mb is None else f", peak GPU {rep.peak_gpu_mb / 1024:.1f} GB"
     print(f"saved {out} ({len(rep.layers)} layers, streamed, {rep.seconds:.1f} s, peak RSS {rep.peak_rss_mb:.0f} MB{gpu})")
     result = {"recipe": r.to_dict(), "output": str(out), "compression": rep.to_dict(), "prediction": pred.to_dict(),
-              "stream": True}
+              "stream": True, "processes": world}
     if a.eval:
         from llmpress.eval.report import QUALITY_COLUMNS, table
 
@@ -570,6 +589,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     t0 = time.perf_counter()
+    if a.cmd == "compress" and a.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        if not a.stream:
+            print("llmpress compress: error: --gpus needs --stream", file=sys.stderr)
+            return 2
+        return _launch(a.gpus, list(sys.argv[1:] if argv is None else argv))
     try:
         result = {"compress": _compress, "eval": _eval, "export": _export, "info": _info,
                   "generate": _generate, "bench-speed": _bench_speed, "recover": _recover,
@@ -577,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError, MemoryError) as ex:
         print(f"llmpress {a.cmd}: error: {ex}", file=sys.stderr)
         return 2
+    if result.get("rank", 0) != 0:  # another process of a torchrun group: rank 0 reports
+        return 0
     if getattr(a, "json", None):
         result["wall_seconds"] = time.perf_counter() - t0
         from llmpress.calibrate import peak_rss_mb
@@ -584,6 +610,23 @@ def main(argv: list[str] | None = None) -> int:
         result["peak_rss_mb"] = peak_rss_mb()  # the whole command's, saving included
         Path(a.json).write_text(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _launch(n: int, argv: list[str]) -> int:
+    """``llmpress compress ... --gpus N``: the same command under torchrun, one process per GPU."""
+    import subprocess
+
+    rest, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--gpus":
+            skip = True
+        elif not x.startswith("--gpus="):
+            rest.append(x)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "llmpress", *rest]
+    log.info("launching %s", " ".join(cmd))
+    return subprocess.call(cmd)
 
 
 if __name__ == "__main__":

@@ -194,6 +194,7 @@ def compress_streaming(
     from llmpress import assets
 
     t0 = time.perf_counter()
+    d = calibrate.Dist.current()
     src = Path(assets.model_path(str(source)) if str(source) in assets.MODELS else source)
     if not src.is_dir() or not (src / "config.json").exists():
         raise FileNotFoundError(f"{src}: streaming reads a Hugging Face checkpoint directory (config.json + "
@@ -229,20 +230,30 @@ def compress_streaming(
     shard_of = [f"model-{i + 1:05d}-of-{n_blocks + 1:05d}.safetensors" for i in range(n_blocks + 1)]
     fp = _fingerprint(source=str(src.resolve()), shards=shards.fingerprint(), recipe=recipe.to_dict(),
                       tokens=tokens if tokens is not None else "none", dtype=str(dtype), batch_size=batch_size,
-                      device=device.type)
+                      device=device.type, world=d.world)
+    if d.active and tokens is not None:
+        if tokens.shape[0] < d.world:
+            raise ValueError(f"{tokens.shape[0]} calibration samples cannot be shared by {d.world} processes")
+        report.calib_tokens = int(tokens.numel())
+        tokens = d.share(tokens)  # this rank's samples; statistics are all-reduced per block
     partial = out.parent / f".{out.name}.llmpress-partial"
     state = {"fingerprint": fp, "done": 0, "blocks": {}}
-    if partial.exists() and resume and (partial / PROGRESS).exists():
+    if d.rank != 0:  # rank 0 owns the files; the others follow what it decided
+        d.barrier()
+        state = json.loads((partial / PROGRESS).read_text())
+    elif partial.exists() and resume and (partial / PROGRESS).exists():
         old = json.loads((partial / PROGRESS).read_text())
         if old.get("fingerprint") == fp:
             state = old
             log.info("resuming %s from block %d of %d", out, state["done"], n_blocks)
         else:
             log.warning("%s belongs to another run (source, recipe, data or settings differ); starting over", partial)
-    if state["done"] == 0 and partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    _write_json(state, partial / PROGRESS)
+    if d.rank == 0:
+        if state["done"] == 0 and partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        _write_json(state, partial / PROGRESS)
+        d.barrier()
 
     # everything outside the blocks, for real (embeddings, final norm, head; tied weights re-tied)
     block_keys = {k for k in model.state_dict() if k.startswith(prefix)}
@@ -303,7 +314,7 @@ def compress_streaming(
     outside_work = bool(by_block.get(None))
     rest_write = None
     sparse_info: dict = {}
-    if not outside_work:  # nothing outside the blocks changes: write that shard now, in the background
+    if not outside_work and d.rank == 0:  # nothing outside the blocks changes: write that shard now
         rest, sparse_info = rest_tensors()
         rest_write = writer.submit(_write_atomic, rest, partial / shard_of[-1])
         del rest
@@ -311,7 +322,7 @@ def compress_streaming(
     inputs: list[torch.Tensor] = []
     calls: list[list[tuple]] = []
     if last_calib >= 0:
-        report.calib_tokens = int(tokens.numel())
+        report.calib_tokens = report.calib_tokens or int(tokens.numel())
         load_block(0)  # capture runs block 0 once, to learn what a block returns
         inputs, calls = calibrate._capture(model, blocks, tokens, batch_size, device)
         calibrate.offload(inputs, device)
@@ -340,14 +351,18 @@ def compress_streaming(
             n_before = len(report.layers)
             if todo:
                 mods = calibrate.block_linears(block)
-                bs = calibrate._block_stats(block, todo, mods, inputs, calls[i] if calls else [], device)
+                bs = calibrate._block_stats(block, todo, mods, inputs, calls[i] if calls else [], device, d)
                 lap("statistics")
-                calibrate._compress_block(block, bp, todo, mods, bs, device, report)
+                calibrate._compress_block(block, bp, todo, mods, bs, device, report, d)
                 bs.shared.clear()
                 lap("solve")
             if i < last_calib:
                 calibrate.rerun(block, inputs, calls[i], device)
                 lap("rerun")
+            if d.rank != 0:  # rank 0 writes the shards
+                block.to("meta")
+                release_memory()
+                continue
             tensors = {bp + k: v for k, v in ct.state_dict(block).items()}
             rec = {"layers": report.layers[n_before:], "qc": ct.quantization_config(block),
                    "sparse": _sparse_info(block, bp)}
@@ -371,6 +386,15 @@ def compress_streaming(
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)
     inputs.clear()
+
+    if d.rank != 0:  # rank 0 writes the rest and renames the output
+        d.barrier()
+        report.phases = {k: round(v, 3) for k, v in phases.items()}
+        report.seconds = time.perf_counter() - t0
+        report.peak_rss_mb = peak_rss_mb()
+        if device.type == "cuda":
+            report.peak_gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        return report
 
     # outside the blocks: calibration-free methods (checked by plan), on the host
     if outside_work:
@@ -419,6 +443,7 @@ def compress_streaming(
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(partial, out)
+    d.barrier()
     lap("finish")
     report.phases = {k: round(v, 3) for k, v in phases.items()}
     report.seconds = time.perf_counter() - t0

@@ -75,3 +75,19 @@ def test_compress_stream_matches_in_memory(tmp_path, tiny_dir, text_file, capsys
     assert (tmp_path / "b" / "tokenizer.json").exists()
     assert main(["info", str(tmp_path / "b")]) == 0
     assert "14 linear layers" in capsys.readouterr().out
+
+
+def test_compress_stream_gpus_launches_torchrun(tmp_path, tiny_dir, text_file):
+    """--gpus N relaunches the command under torchrun (gloo on the CPU); rank 0 reports."""
+    import subprocess
+    import sys
+
+    j = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-m", "llmpress", "compress", str(tiny_dir), "-r", "w4a16-gptq", "-g", "32",
+                        "-o", str(tmp_path / "out"), "--stream", "--gpus", "2", "--calib", str(text_file),
+                        "--n-samples", "4", "--seqlen", "32", "--json", str(j)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(j.read_text())
+    assert rep["processes"] == 2 and len(rep["compression"]["layers"]) == 14
+    assert {x.get("rank") for x in rep["compression"]["layers"]} == {0, 1}
+    assert main(["compress", str(tiny_dir), "-o", str(tmp_path / "o2"), "--gpus", "2"]) == 2  # needs --stream
