@@ -205,7 +205,8 @@ def _named(name):
     return _recipe(name)
 
 
-@pytest.mark.parametrize("name", ["w4a16-gptq", "w4a16-awq-gptq", "sparse"])
+@pytest.mark.parametrize("name", ["w4a16-gptq", pytest.param("w4a16-awq-gptq", marks=pytest.mark.slow),
+                                  pytest.param("sparse", marks=pytest.mark.slow)])
 def test_two_processes_match_one(tmp_path, name):
     """Two gloo processes, each calibrating on half the samples with all-reduced statistics and
     half the solves: the same model as one process, up to float reduction order."""
