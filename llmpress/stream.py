@@ -203,6 +203,9 @@ def compress_streaming(
     if bad:
         raise RecipeError(f"streaming compresses layer by layer; {bad[0].describe()} changes the model's "
                           "structure or needs the whole model: run it without --stream")
+    if d.active and any(getattr(s, "smoothquant", None) == "auto" for s in recipe.steps):
+        raise RecipeError("smoothquant: auto searches alpha on a sample of activation rows, which is not reduced "
+                          "across processes yet; give a fixed alpha (e.g. smoothquant: 0.5) or run one process")
     out = Path(out).absolute()
     if out.exists() and out.resolve() == src.resolve():
         raise ct.OutputExistsError(f"refusing to write over the input model {src}; choose another output directory")
