@@ -152,7 +152,7 @@ def child_ours(a) -> dict:
     t0 = time.perf_counter()
     r = lp.recipe(a.recipe, group_size=128)
     rep = compress_streaming(a.model, r, _read_tokens(a.tokens), a.output, device=device, batch_size=a.batch_size,
-                             progress=rank == 0, overwrite=True)
+                             progress=rank == 0, overwrite=True, activations=a.activations)
     sec = time.perf_counter() - t0
     gpu = 0.0 if rep.peak_gpu_mb is None else rep.peak_gpu_mb / 1024
     rss = _peak_rss_gb()
@@ -271,6 +271,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--phases", default="build,ours,resume,peer,error")
+    ap.add_argument("--activations", default="auto", choices=("auto", "gpu", "host"))
     ap.add_argument("--gpus", default="1", help="GPU counts for the 'ours' phase, e.g. 1,2 (torchrun, NCCL)")
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter with llmcompressor (its own venv)")
     a = ap.parse_args()
@@ -356,7 +357,8 @@ def main() -> None:
     calib = tokens(work, a.shape, a.n_samples, a.seqlen, 0, "calib")
     held = tokens(work, a.shape, 8, a.seqlen, 1, "held")
     shape_name = f"{a.shape} ({SHAPES[a.shape]['hidden_size']}/{SHAPES[a.shape]['intermediate_size']}, bf16)"
-    common = ["--tokens", str(calib), "--device", a.device, "--batch-size", str(a.batch_size), "--recipe", a.recipe]
+    common = ["--tokens", str(calib), "--device", a.device, "--batch-size", str(a.batch_size), "--recipe", a.recipe,
+              "--activations", a.activations]
 
     if "ours" in phases:
         for n in blocks:
@@ -366,7 +368,8 @@ def main() -> None:
                 add({"tool": "llmpress", "model_shape": shape_name, "blocks": n, "gpus": g,
                      "method": "gptq w4 g128 (stream)", "seconds": r["seconds"], "seconds_per_block": r["seconds"] / n,
                      "peak_gpu_gb": r["peak_gpu_gb"], "peak_rss_gb": r["peak_rss_gb"],
-                     "peak_rss_gb_all_processes": r["peak_rss_gb_all_processes"], "run": f"full-{g}gpu",
+                     "peak_rss_gb_all_processes": r["peak_rss_gb_all_processes"], "activations": a.activations,
+                     "run": f"full-{g}gpu" + ("" if a.activations == "auto" else f"-{a.activations}"),
                      "phases": r["phases"]})
             if len(gpu_counts) > 1:  # several GPUs against one, same run: speed-up and agreement
                 base, multi = work / f"ours-{n}-g{gpu_counts[0]}", work / f"ours-{n}-g{gpu_counts[-1]}"

@@ -370,15 +370,21 @@ def rerun(block: nn.Module, inputs: list[torch.Tensor], calls: list[tuple], devi
             inputs[j] = _run_block(block, inputs[j].to(device, non_blocking=True), call).to(inputs[j].device)
 
 
-def offload(inputs: list[torch.Tensor], device: torch.device, budget: float = 0.25) -> None:
+ACTIVATIONS = ("auto", "gpu", "host")
+
+
+def offload(inputs: list[torch.Tensor], device: torch.device, budget: float = 0.25, where: str = "auto") -> None:
     """Keep the calibration activations on the GPU when they take under ``budget`` of its free
-    memory, otherwise on the host (moved in per batch): a 128 x 2048-token calibration set of
-    an 8B model is 2 GB in bf16, of a 70B model 4 GB, of a 405B model 8 GB."""
-    if device.type != "cuda" or not inputs:
+    memory (``where="auto"``), otherwise on the host, moved in per batch: a 128 x 2048-token
+    calibration set of an 8B model is 2 GB in bf16, of a 70B model 4 GB, of a 405B model 8 GB.
+    ``where="host"`` / ``"gpu"`` force either."""
+    if where not in ACTIVATIONS:
+        raise ValueError(f"activations={where!r}; allowed: {ACTIVATIONS}")
+    if device.type != "cuda" or not inputs or where == "gpu":
         return
     need = sum(x.numel() * x.element_size() for x in inputs)
     free, _ = torch.cuda.mem_get_info(device)
-    if need > budget * (free + need):
+    if where == "host" or need > budget * (free + need):
         log.info("calibration activations (%.1f GB) kept on the host", need / 2**30)
         for j, x in enumerate(inputs):
             inputs[j] = x.cpu()

@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--gpus", type=int, default=1,
                    help="with --stream: calibrate on N GPUs of this host (relaunches itself under torchrun; "
                         "or run `torchrun --nproc-per-node N -m llmpress compress ... --stream`)")
+    c.add_argument("--activations", choices=("auto", "gpu", "host"), default="auto",
+                   help="with --stream on a GPU: keep calibration activations there, on the host, or decide by size")
     c.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="with --stream: compute and storage dtype (default: the checkpoint's)")
 
@@ -385,7 +387,8 @@ def _compress_stream(a: argparse.Namespace, r, out: Path, pred) -> dict:
         tokens = lp.data.calibration(a.calib, a.n_samples, a.seqlen).tokens(tok)
     rep = compress_streaming(src, r, tokens, out, device=device, batch_size=a.batch_size, overwrite=a.overwrite,
                              resume=not a.no_resume, trust_remote_code=a.trust_remote_code,
-                             dtype=None if a.dtype == "auto" else getattr(torch, a.dtype), progress=rank == 0)
+                             dtype=None if a.dtype == "auto" else getattr(torch, a.dtype), progress=rank == 0,
+                             activations=a.activations)
     if rank != 0:
         return {"rank": rank}
     gpu = "" if rep.peak_gpu_mb is None else f", peak GPU {rep.peak_gpu_mb / 1024:.1f} GB"

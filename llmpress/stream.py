@@ -187,10 +187,12 @@ def compress_streaming(
     progress: bool = True,
     trust_remote_code: bool = False,
     tokenizer=None,
+    activations: str = "auto",
 ) -> calibrate.CompressionReport:
     """Compress the safetensors checkpoint directory ``source`` into the compressed-tensors
     checkpoint ``out`` without ever holding more than one block: see the module docstring.
-    ``dtype`` is the compute and storage dtype (default: the checkpoint's)."""
+    ``dtype`` is the compute and storage dtype (default: the checkpoint's); ``activations``
+    where the calibration activations live on a GPU run (``auto``, ``gpu``, ``host``)."""
     from llmpress import assets
 
     t0 = time.perf_counter()
@@ -328,7 +330,7 @@ def compress_streaming(
         report.calib_tokens = report.calib_tokens or int(tokens.numel())
         load_block(0)  # capture runs block 0 once, to learn what a block returns
         inputs, calls = calibrate._capture(model, blocks, tokens, batch_size, device)
-        calibrate.offload(inputs, device)
+        calibrate.offload(inputs, device, where=activations)
         blocks[0].to("meta")
 
     for i in range(state["done"]):  # resume: rebuild the activations from the finished blocks
