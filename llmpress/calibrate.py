@@ -367,7 +367,11 @@ def rerun(block: nn.Module, inputs: list[torch.Tensor], calls: list[tuple], devi
     """Replace ``inputs`` by the block's outputs (the next block's inputs), where they are kept."""
     with torch.inference_mode(), kernels.forced("reference"):
         for j, call in enumerate(calls):
-            inputs[j] = _run_block(block, inputs[j].to(device, non_blocking=True), call).to(inputs[j].device)
+            out = _run_block(block, inputs[j].to(device, non_blocking=True), call)
+            if inputs[j].is_pinned() and out.shape == inputs[j].shape and out.dtype == inputs[j].dtype:
+                inputs[j].copy_(out, non_blocking=True)  # back into its pinned host buffer, asynchronously
+            else:
+                inputs[j] = out.to(inputs[j].device)
 
 
 ACTIVATIONS = ("auto", "gpu", "host")
@@ -386,8 +390,8 @@ def offload(inputs: list[torch.Tensor], device: torch.device, budget: float = 0.
     free, _ = torch.cuda.mem_get_info(device)
     if where == "host" or need > budget * (free + need):
         log.info("calibration activations (%.1f GB) kept on the host", need / 2**30)
-        for j, x in enumerate(inputs):
-            inputs[j] = x.cpu()
+        for j, x in enumerate(inputs):  # pinned: the copies to and from the GPU run asynchronously
+            inputs[j] = x.cpu().pin_memory()
         torch.cuda.empty_cache()
 
 
