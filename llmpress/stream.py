@@ -196,6 +196,16 @@ def compress_streaming(
     from llmpress import assets
 
     t0 = time.perf_counter()
+    phases: dict[str, float] = defaultdict(float)
+    clock = [t0]
+
+    def lap(name: str) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        phases[name] += now - clock[0]
+        clock[0] = now
+
     d = calibrate.Dist.current()
     src = Path(assets.model_path(str(source)) if str(source) in assets.MODELS else source)
     if not src.is_dir() or not (src / "config.json").exists():
@@ -260,27 +270,26 @@ def compress_streaming(
         _write_json(state, partial / PROGRESS)
         d.barrier()
 
-    # everything outside the blocks, for real (embeddings, final norm, head; tied weights re-tied)
+    # everything outside the blocks, for real (embeddings, final norm; tied weights re-tied). An
+    # untied output head that stays as it is is not needed: the writer copies it from the source
     block_keys = {k for k in model.state_dict() if k.startswith(prefix)}
     outside = [k for k, t in model.state_dict().items() if k not in block_keys and t.is_meta]
-    present = [k for k in outside if k in shards.where]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_key = next((n for n, p in model.named_parameters() if head is not None and p is head.weight), None)
+    lazy_head = (head_key is not None and not by_block.get(None) and head_key in shards.where
+                 and not getattr(model.config, "tie_word_embeddings", False) and head_key in outside)
+    present = [k for k in outside if k in shards.where and not (lazy_head and k == head_key)]
     _assign(model, shards.load(present, home, dtype), str(src))
     model.tie_weights()
-    still = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
+    still = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)
+             and not (lazy_head and n == head_key)]
     if still:
         raise ShardError(f"{src}: the shards hold no tensor {still[:5]}")
+    lap("load outside blocks")
 
+    lap("open")
     reader = ThreadPoolExecutor(1, thread_name_prefix="llmpress-read")  # next block's weights, while this one runs
     writer = ThreadPoolExecutor(1, thread_name_prefix="llmpress-write")  # finished shards, while the next one runs
-    phases: dict[str, float] = defaultdict(float)
-    clock = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        phases[name] += now - clock[0]
-        clock[0] = now
 
     def read(i: int) -> dict[str, torch.Tensor]:
         bp = f"{prefix}{i}."
@@ -305,10 +314,17 @@ def compress_streaming(
         for j in range(n_blocks):
             blocks[j] = nn.Identity()  # the rest of the model without the blocks
         try:
+            if lazy_head:  # nothing outside the blocks is compressed: plain tensors, the head comes later
+                return ct.plain_tensors(model, skip=(head_key,)), {}
             return ct.state_dict(model), _sparse_info(model, "")
         finally:
             for j in range(n_blocks):
                 blocks[j] = saved[j]
+
+    def write_rest(rest: dict[str, torch.Tensor]) -> None:
+        if lazy_head:
+            rest.update(shards.load([head_key], home, dtype))
+        _write_atomic(rest, partial / shard_of[-1])
 
     def write(i: int, tensors: dict[str, torch.Tensor], rec: dict) -> None:
         _write_atomic(tensors, partial / shard_of[i])
@@ -321,7 +337,7 @@ def compress_streaming(
     sparse_info: dict = {}
     if not outside_work and d.rank == 0:  # nothing outside the blocks changes: write that shard now
         rest, sparse_info = rest_tensors()
-        rest_write = writer.submit(_write_atomic, rest, partial / shard_of[-1])
+        rest_write = writer.submit(write_rest, rest)
         del rest
 
     inputs: list[torch.Tensor] = []
