@@ -52,11 +52,13 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int, name: str) -> 
     d = damp
     for attempt in range(retries + 1):
         hd = h + (d * mean_diag + (1e-8 if d == 0 else 0.0)) * eye
-        l, info = torch.linalg.cholesky_ex(hd)
+        # U with U^T U = H^-1 from ONE factorisation: with J the order reversal and J H J = L L^T,
+        # U = J L^-1 J (upper triangular, positive diagonal). Half the work of inverting H and
+        # factorising the inverse (cholesky, cholesky_inverse, cholesky again).
+        l, info = torch.linalg.cholesky_ex(hd.flip(0, 1))
         if info.item() == 0:
-            hinv = torch.cholesky_inverse(l)
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if info.item() == 0 and torch.isfinite(u).all():
+            u = torch.linalg.solve_triangular(l, eye, upper=False).flip(0, 1)
+            if torch.isfinite(u).all() and bool((torch.diagonal(u) > 0).all()):
                 if attempt:
                     log.warning("%s: Hessian not positive definite; succeeded with damp=%.3g", name, d)
                 return u, d
