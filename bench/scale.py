@@ -137,18 +137,12 @@ def _tokenizer(vocab: int):
 def child_ours(a) -> dict:
     sys.path.insert(0, str(ROOT))
     import llmpress as lp
-    from llmpress.stream import compress_streaming
+    import torch.distributed as dist
 
-    device, world, rank = a.device, int(os.environ.get("WORLD_SIZE", "1")), 0
-    if world > 1:  # under torchrun: one process per GPU, NCCL (gloo on the CPU)
-        import torch.distributed as dist
+    from llmpress.stream import compress_streaming, join_group
 
-        if device == "cuda":  # (ranks share the GPUs round-robin when there are fewer: a functional check)
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
-            device = f"cuda:{torch.cuda.current_device()}"
-        backend = os.environ.get("LLMPRESS_DIST_BACKEND") or ("nccl" if device.startswith("cuda") else "gloo")
-        dist.init_process_group(backend)
-        rank = dist.get_rank()
+    device, group = join_group(a.device)  # under torchrun: one process per GPU, NCCL (gloo on the CPU)
+    world, rank = group.world, group.rank
     t0 = time.perf_counter()
     r = lp.recipe(a.recipe, group_size=128)
     rep = compress_streaming(a.model, r, _read_tokens(a.tokens), a.output, device=device, batch_size=a.batch_size,

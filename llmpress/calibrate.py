@@ -640,8 +640,8 @@ def _compress_block(block: nn.Module, bp: str, todo: dict[str, tuple[Step, ...]]
     # with several ranks, integer solves are spread over them and broadcast (code books are
     # calibration-free and cheap: every rank computes them)
     owner = _owners(units, mods, dist_ctx.world) if spread else [0] * len(units)
-    local = [not spread or quant[u[0]].method in ("nf4", "fp4") or owner[i] == dist_ctx.rank
-             for i, u in enumerate(units)]
+    broadcast = [spread and quant[u[0]].method not in ("nf4", "fp4") for u in units]  # solved once, sent to all
+    local = [not broadcast[i] or owner[i] == dist_ctx.rank for i in range(len(units))]
     solved: dict[int, list] = {}
     for i, names in enumerate(units):
         if not local[i]:
@@ -658,7 +658,6 @@ def _compress_block(block: nn.Module, bp: str, todo: dict[str, tuple[Step, ...]]
     for i, names in enumerate(units):
         step = quant[names[0]]
         st = dict(bs.of(names[0]))
-        broadcast = spread and step.method not in ("nf4", "fp4")
         if not local[i]:  # solved on another rank: its weights and report rows arrive in order
             for ln in names:
                 qw, rec = _broadcast_quantized(None, owner[i], dist_ctx, device)
@@ -673,7 +672,7 @@ def _compress_block(block: nn.Module, bp: str, todo: dict[str, tuple[Step, ...]]
                 qw.info["sparsity"] = float((qw.dequantize(torch.float32) == 0).float().mean())
             new = _swap(block, ln, mods[ln], qw, device, step, st)
             _record(report, bp + ln, step, w, qw, new.describe(), ts)
-            if broadcast:
+            if broadcast[i]:
                 report.layers[-1]["rank"] = dist_ctx.rank
                 _broadcast_quantized(qw, owner[i], dist_ctx, device, header=report.layers[-1])
 
@@ -687,11 +686,12 @@ def _stacked(quant: dict[str, QuantStep], bs: _BlockStats, masks: dict) -> list[
     where: dict[tuple, list[str]] = {}
     for ln, step in quant.items():
         key = (bs.owner.get(ln, ln), repr(step))
-        if step.method == "gptq" and ln not in masks and step.scheme().strategy != "tensor" and key in where:
+        stackable = step.method == "gptq" and ln not in masks and step.scheme().strategy != "tensor"
+        if stackable and key in where:
             where[key].append(ln)
         else:
             out.append([ln])
-            if step.method == "gptq" and ln not in masks and step.scheme().strategy != "tensor":
+            if stackable:
                 where[key] = out[-1]
     return out
 

@@ -365,22 +365,11 @@ def _compress_stream(a: argparse.Namespace, r, out: Path, pred) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from llmpress.stream import compress_streaming
+    from llmpress.stream import compress_streaming, join_group
 
     src = str(assets.model_path(a.model)) if a.model in assets.MODELS else a.model
-    device = a.device
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = 0
-    if world > 1:  # one of torchrun's processes: join the group (NCCL on GPUs, gloo on the CPU)
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            cuda = (device or "").startswith("cuda")
-            if cuda:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-                device = f"cuda:{torch.cuda.current_device()}"
-            dist.init_process_group("nccl" if cuda else "gloo")
-        rank = dist.get_rank()
+    device, group = join_group(a.device)  # one of torchrun's processes: join the group
+    rank, world = group.rank, group.world
     tokens = None
     if r.needs_calibration:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=a.trust_remote_code)

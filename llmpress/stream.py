@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from llmpress import calibrate
 from llmpress.formats import compressed_tensors as ct
-from llmpress.formats import sparse
+from llmpress.formats import sparse, write_text_atomic
 from llmpress.memory import peak_rss_mb, release_memory
 from llmpress.models import UnsupportedModelError, find_blocks
 from llmpress.recipe import MODEL_STEPS, LowRankStep, PruneStep, Recipe, RecipeError
@@ -61,13 +61,11 @@ class Shards:
         if not files:
             raise FileNotFoundError(f"{self.dir} has no *.safetensors shards (llmpress streams only safetensors)")
         self.where: dict[str, Path] = {}
-        self.dtypes: dict[str, str] = {}
         for f in files:
             try:
                 with safe_open(str(f), framework="pt") as sf:
                     for k in sf.keys():
                         self.where[k] = f
-                        self.dtypes[k] = str(sf.get_slice(k).get_dtype())
             except Exception as e:  # safetensors raises its own error types for bad headers / sizes
                 raise ShardError(f"{f}: corrupted or truncated safetensors shard ({type(e).__name__}: {e})") from None
         index = self.dir / "model.safetensors.index.json"
@@ -153,24 +151,23 @@ def _write_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
-def _sparse_info(block: nn.Module, prefix: str) -> dict:
-    return {f"{prefix}{k}": [int((w == 0).sum()), w.numel(), sparse.structure([w])]
-            for k, w in sparse.sparse_linears(block).items()}
+def join_group(device: str | None) -> tuple[str | None, calibrate.Dist]:
+    """Under torchrun (``WORLD_SIZE`` > 1), join the process group if not joined yet: NCCL on
+    GPUs, gloo on the CPU (``LLMPRESS_DIST_BACKEND`` overrides), each rank on the GPU of its
+    ``LOCAL_RANK`` (round-robin when there are fewer GPUs, which only gloo allows). Returns the
+    device to calibrate on and this process's place in the group."""
+    import torch.distributed as dist
 
-
-def _sparsity_config(info: dict) -> dict:
-    if not info:
-        return {}
-    zeros = sum(z for z, _, _ in info.values())
-    total = sum(n for _, n, _ in info.values())
-    structure = "2:4" if all(s == "2:4" for *_, s in info.values()) else "unstructured"
-    return {"format": "sparse-bitmask", "global_sparsity": zeros / max(total, 1), "sparsity_structure": structure,
-            "targets": sorted(k[: -len(".weight")] for k in info), "ignore": [], "registry_requires_subclass": False}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = (device or "").startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            device = f"cuda:{torch.cuda.current_device()}"
+        dist.init_process_group(os.environ.get("LLMPRESS_DIST_BACKEND") or ("nccl" if cuda else "gloo"))
+    return device, calibrate.Dist.current()
 
 
 def compress_streaming(
@@ -218,11 +215,7 @@ def compress_streaming(
     if d.active and any(getattr(s, "smoothquant", None) == "auto" for s in recipe.steps):
         raise RecipeError("smoothquant: auto searches alpha on a sample of activation rows, which is not reduced "
                           "across processes yet; give a fixed alpha (e.g. smoothquant: 0.5) or run one process")
-    out = Path(out).absolute()
-    if out.exists() and out.resolve() == src.resolve():
-        raise ct.OutputExistsError(f"refusing to write over the input model {src}; choose another output directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ct.OutputExistsError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    out = ct.check_output(out, overwrite, protect=(src,))
     shards = Shards(src)
     model, dtype = _skeleton(src, dtype, trust_remote_code)
     home = torch.device("cpu")
@@ -316,7 +309,7 @@ def compress_streaming(
         try:
             if lazy_head:  # nothing outside the blocks is compressed: plain tensors, the head comes later
                 return ct.plain_tensors(model, skip=(head_key,)), {}
-            return ct.state_dict(model), _sparse_info(model, "")
+            return ct.state_dict(model), sparse.counts(sparse.sparse_linears(model))
         finally:
             for j in range(n_blocks):
                 blocks[j] = saved[j]
@@ -385,8 +378,9 @@ def compress_streaming(
                 release_memory()
                 continue
             tensors = {bp + k: v for k, v in ct.state_dict(block).items()}
-            rec = {"layers": report.layers[n_before:], "qc": ct.quantization_config(block),
-                   "sparse": _sparse_info(block, bp)}
+            counts = sparse.counts(sparse.sparse_linears(block))
+            rec = {"layers": report.layers[n_before:], "sparse": {bp + k: c for k, c in counts.items()},
+                   "qc": ct.quantization_config(block, sparsity_config=sparse.config_from_counts(counts))}
             block.to("meta")
             lap("pack")
             if last_write is not None:
@@ -435,7 +429,7 @@ def compress_streaming(
     for i in range(n_blocks):
         sparse_info.update(state["blocks"][str(i)]["sparse"])
     cfg = model.config.to_dict()
-    qc = ct.quantization_config(model, sparsity_config=_sparsity_config(sparse_info))
+    qc = ct.quantization_config(model, sparsity_config=sparse.config_from_counts(sparse_info))
     if qc is not None:
         cfg["quantization_config"] = qc
     (partial / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
@@ -456,14 +450,7 @@ def compress_streaming(
         tokenizer.save_pretrained(partial)
     (partial / "llmpress_recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
     (partial / PROGRESS).unlink()
-    if out.exists():
-        trash = out.parent / f".{out.name}.llmpress-old"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(out, trash)
-        os.replace(partial, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(partial, out)
+    ct.replace_dir(partial, out)
     d.barrier()
     lap("finish")
     report.phases = {k: round(v, 3) for k, v in phases.items()}

@@ -60,18 +60,24 @@ def test_shards_split_inside_blocks(tmp_path):
     assert len(files) >= 2  # block 1 spans shards
 
 
-@pytest.mark.parametrize("name", ["w4a16-gptq", "w4a16-awq"])
-def test_stream_matches_in_memory(tmp_path, name):
-    d = _checkpoint(tmp_path)
-    r, tokens = _recipe(name), _tokens()
-    rep = stream.compress_streaming(d, r, tokens, tmp_path / "out", progress=False)
-    assert len(rep.layers) == 4 * 7 and rep.calib_tokens == tokens.numel()
+def _same_as_in_memory(d, r, out):
+    """Stream ``d`` with ``r`` into ``out`` and compress an in-memory copy with the same
+    tokens: the logits must be bit-identical. Returns (report, streamed model, in-memory model, x)."""
+    tokens = _tokens()
+    rep = stream.compress_streaming(d, r, tokens, out, progress=False)
     ref = lp.load(d)
     lp.compress(ref, r, tokens, progress=False)
-    got = lp.load(tmp_path / "out")
+    got = lp.load(out)
     x = _tokens(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(got(x).logits, ref(x).logits, rtol=0, atol=0)
+    return rep, got, ref, x
+
+
+@pytest.mark.parametrize("name", ["w4a16-gptq", "w4a16-awq"])
+def test_stream_matches_in_memory(tmp_path, name):
+    rep, got, ref, x = _same_as_in_memory(_checkpoint(tmp_path), _recipe(name), tmp_path / "out")
+    assert len(rep.layers) == 4 * 7 and rep.calib_tokens == _tokens().numel()
     # the output has one shard per block plus one for the rest, an index, the config
     files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
     assert len(files) == 5 and (tmp_path / "out" / "model.safetensors.index.json").exists()
@@ -92,14 +98,7 @@ def test_stream_prune_quant_and_head(tmp_path):
         {"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "ignore": ["lm_head"]},
         {"method": "gptq", "bits": 4, "group_size": 32, "ignore": ["lm_head"]},
         {"method": "rtn", "bits": 8, "group_size": -1, "targets": ["re:^lm_head$"], "ignore": []}]})
-    tokens = _tokens()
-    stream.compress_streaming(d, r, tokens, tmp_path / "out", progress=False)
-    ref = lp.load(d)
-    lp.compress(ref, r, tokens, progress=False)
-    got = lp.load(tmp_path / "out")
-    x = _tokens(2, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(got(x).logits, ref(x).logits, rtol=0, atol=0)
+    _, got, _, _ = _same_as_in_memory(d, r, tmp_path / "out")
     assert type(got.lm_head).__name__ == "QuantLinear"
     assert got.get_input_embeddings().weight.shape == (256, 64)
 

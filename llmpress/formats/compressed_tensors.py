@@ -51,6 +51,30 @@ class OutputExistsError(FileExistsError):
     pass
 
 
+def check_output(out: str | os.PathLike, overwrite: bool = False, protect: tuple = ()) -> Path:
+    """``out`` as an absolute path, after refusing a directory in ``protect`` (the input model)
+    and a non-empty ``out`` unless ``overwrite``."""
+    out = Path(out).absolute()
+    for p in protect:
+        if p and Path(p).exists() and out.resolve() == Path(p).resolve():
+            raise OutputExistsError(f"refusing to write over the input model {p}; choose another output directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"output {out} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    return out
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Rename the finished directory ``new`` to ``out``; an existing ``out`` is moved aside
+    first and deleted only once ``new`` is in place."""
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / "x")
+        os.replace(new, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(new, out)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False, protect: tuple = ()) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; on success rename it to ``out``.
@@ -59,23 +83,12 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, protect: tuple =
     ``protect`` (the input model). On any error the temporary directory is removed and ``out``
     is untouched.
     """
-    out = Path(out).absolute()
-    for p in protect:
-        if p and Path(p).exists() and out.resolve() == Path(p).resolve():
-            raise OutputExistsError(f"refusing to write over the input model {p}; choose another output directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(f"output {out} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    out = check_output(out, overwrite, protect)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

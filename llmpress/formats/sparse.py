@@ -69,10 +69,23 @@ def sparse_linears(model: nn.Module, skip: set[str] = frozenset()) -> dict[str, 
     return out
 
 
-def sparsity_config(weights: dict[str, torch.Tensor]) -> dict:
-    total = sum(w.numel() for w in weights.values())
-    zeros = sum(int((w == 0).sum()) for w in weights.values())
+def counts(weights: dict[str, torch.Tensor], prefix: str = "") -> dict[str, list]:
+    """Per weight (named ``prefix + name``): [zeros, elements, structure], what
+    :func:`config_from_counts` needs; small enough to keep after the weights are gone."""
+    return {f"{prefix}{k}": [int((w == 0).sum()), w.numel(), structure([w])] for k, w in weights.items()}
+
+
+def config_from_counts(c: dict[str, list]) -> dict:
+    """The ``sparsity_config`` of the weights ``c`` counts ({} for none)."""
+    if not c:
+        return {}
+    zeros = sum(z for z, _, _ in c.values())
+    total = sum(n for _, n, _ in c.values())
     return {"format": "sparse-bitmask", "global_sparsity": zeros / max(total, 1),
-            "sparsity_structure": structure(list(weights.values())),
-            "targets": sorted(k[: -len(".weight")] for k in weights), "ignore": [],
+            "sparsity_structure": "2:4" if all(s == "2:4" for *_, s in c.values()) else "unstructured",
+            "targets": sorted(k[: -len(".weight")] for k in c), "ignore": [],
             "registry_requires_subclass": False}
+
+
+def sparsity_config(weights: dict[str, torch.Tensor]) -> dict:
+    return config_from_counts(counts(weights))

@@ -146,9 +146,10 @@ def gptq(
         scale_all = scale_all.reshape(1, 1).expand(n, 1)
         zero_all = None if zero_all is None else zero_all.reshape(1, 1).expand(n, 1)
     loss = torch.zeros((), device=W.device)
+    kernel_fits = static and scheme.type == "int" and cfg.block_size <= 128
     if kernel is None:
-        kernel = static and W.is_cuda and scheme.type == "int" and cfg.block_size <= 128 and _kernel_ok()
-    elif kernel and not (static and scheme.type == "int" and cfg.block_size <= 128):
+        kernel = kernel_fits and W.is_cuda and _kernel_ok()
+    elif kernel and not kernel_fits:
         raise ValueError(f"{name}: the GPTQ kernel takes static integer groups and block_size <= 128")
 
     B = cfg.block_size
