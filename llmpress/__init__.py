@@ -66,19 +66,40 @@ def compress(
     return report
 
 
-def export(model: nn.Module, out: str | os.PathLike, format: str = "gguf:q8_0", *, overwrite: bool = False) -> dict:
+def export(model: nn.Module, out: str | os.PathLike, format: str = "gguf:q8_0", *, overwrite: bool = False,
+           calib: data.Calibration | torch.Tensor | None = None, imatrix: dict[str, torch.Tensor] | None = None,
+           progress: bool = True) -> dict:
     """Write ``model`` where it is served: ``gguf:TYPE`` (llama.cpp; TYPE one of f32, f16, bf16,
-    q8_0, q4_0, q4_1, q5_0, q5_1) or ``compressed-tensors`` (transformers, vLLM). Returns a
-    summary of what was written."""
+    q8_0, q4_0, q4_1, q5_0, q5_1, or a K-quant mix q2_k, q3_k_s|m|l, q4_k_s|m, q5_k_s|m, q6_k)
+    or ``onnx[:float32|int4]`` (onnxruntime, with a KV cache; int4 through MatMulNBits) or
+    ``compressed-tensors`` (transformers, vLLM). For GGUF, ``calib`` (a
+    :class:`~llmpress.data.Calibration` or token ids [n, seqlen]) computes an importance matrix
+    (``imatrix``: mean squared input per column of each linear, see
+    :func:`llmpress.calibrate.input_moments`) that weighs the rounding errors. Returns a summary
+    of what was written."""
     kind, _, arg = format.partition(":")
     if kind == "gguf":
         from llmpress.formats.gguf import save_gguf
 
-        return save_gguf(model, out, arg or "q8_0", overwrite=overwrite)
+        if calib is not None and imatrix is None:
+            from llmpress import calibrate
+
+            tokens = calib
+            if isinstance(calib, data.Calibration):
+                tok = getattr(model, "llmpress_tokenizer", None)
+                if tok is None:
+                    raise ValueError("calibration text needs a tokenizer: load the model with llmpress.load")
+                tokens = calib.tokens(tok)
+            imatrix = calibrate.input_moments(model, tokens, progress=progress)
+        return save_gguf(model, out, arg or "q8_0", overwrite=overwrite, imatrix=imatrix, progress=progress)
+    if kind == "onnx":
+        from llmpress.formats.onnx import save_onnx
+
+        return save_onnx(model, out, arg or "float32", overwrite=overwrite)
     if kind == "compressed-tensors" and not arg:
         return {"file": str(save(model, out, overwrite=overwrite)), "type": "compressed-tensors"}
-    raise ValueError(f"unknown export format {format!r}; allowed: gguf:<type> (e.g. gguf:q8_0, gguf:q4_0), "
-                     "compressed-tensors")
+    raise ValueError(f"unknown export format {format!r}; allowed: gguf:<type> (e.g. gguf:q8_0, gguf:q4_k_m), "
+                     "onnx[:float32|int4], compressed-tensors")
 
 
 def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -824,3 +824,30 @@ def run(
         report.peak_gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20
     log.info("compressed %d layers with %s in %.1fs", len(report.layers), recipe.name, report.seconds)
     return report
+
+
+@torch.no_grad()
+def input_moments(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 8,
+                  progress: bool = True) -> dict[str, torch.Tensor]:
+    """Mean squared input of every column of every linear layer (the output head included) over
+    the calibration ``tokens`` [n, seqlen]: what llama.cpp calls an importance matrix, the
+    diagonal of each layer's Hessian. Keys are module names (``model.layers.0.mlp.down_proj``,
+    ``lm_head``); values float32 [in_features] on the CPU."""
+    stats: dict[str, Any] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if _is_linear(mod):
+            def hook(m, args, name=name):
+                x = args[0]
+                if name not in stats:
+                    stats[name] = STATS["sqnorm"](x.shape[-1], x.device)
+                stats[name].update(x)
+            hooks.append(mod.register_forward_pre_hook(hook))
+    dev = next(model.parameters()).device
+    try:
+        for i in tqdm(range(0, tokens.shape[0], batch_size), desc="importance", unit="batch", disable=not progress):
+            model(input_ids=tokens[i:i + batch_size].to(dev), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: s.result().float().cpu() for n, s in stats.items()}

@@ -16,6 +16,8 @@ EXAMPLES = """examples:
   llmpress compress ./my-llama --recipe my-recipe.yaml -o out/custom --device cuda
   llmpress eval out/w4 --base smollm2-135m --json eval.json
   llmpress export out/w4 --format gguf:q8_0 -o out/w4-q8_0.gguf
+  llmpress export out/w4 --format gguf:q4_k_m --imatrix -o out/w4-q4_k_m.gguf   # llama.cpp mix, importance-weighted
+  llmpress export out/w4 --format onnx:int4 -o out/w4-onnx   # onnxruntime, KV cache, GPTQ integers kept
   llmpress info smollm2-135m
   llmpress recover out/w4 --base smollm2-135m -o out/w4-adapter --steps 200 --eval
   llmpress generate out/w4 -p "The capital of France is" -n 32
@@ -103,8 +105,16 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("model")
     x.add_argument("-f", "--format", default="gguf:q8_0",
-                   help="gguf:TYPE (f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1) or compressed-tensors (default gguf:q8_0)")
-    x.add_argument("-o", "--output", required=True, help="output file (.gguf) or directory (compressed-tensors)")
+                   help="gguf:TYPE: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or a K-quant mix as llama.cpp names "
+                        "them: q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k; compressed-tensors; "
+                        "onnx[:float32|int4] (onnxruntime, KV cache; int4: 4-bit MatMulNBits, int8 embeddings) (default gguf:q8_0)")
+    x.add_argument("-o", "--output", required=True, help="output file (.gguf) or directory (onnx, compressed-tensors)")
+    x.add_argument("--imatrix", action="store_true",
+                   help="GGUF: weigh each column's rounding error by its mean squared input on calibration text "
+                        "(llama.cpp's importance matrix, computed here)")
+    x.add_argument("--calib", default="wiki", help="calibration text for --imatrix (default wiki)")
+    x.add_argument("--n-samples", type=int, default=64, help="calibration samples for --imatrix (default 64)")
+    x.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--json", help="write the export summary as JSON to this file")
     x.add_argument("--trust-remote-code", action="store_true")
@@ -475,14 +485,18 @@ def _eval(a: argparse.Namespace) -> dict:
 def _export(a: argparse.Namespace) -> dict:
     import llmpress as lp
 
-    kind = a.format.partition(":")[0]
-    if kind not in ("gguf", "compressed-tensors"):  # before loading the model
-        raise ValueError(f"unknown export format {a.format!r}; allowed: gguf:<type>, compressed-tensors")
+    kind, _, arg = a.format.partition(":")
+    if kind not in ("gguf", "onnx", "compressed-tensors") or (kind == "onnx" and arg not in ("", "float32", "int4")):
+        raise ValueError(f"unknown export format {a.format!r}; allowed: gguf:<type>, onnx[:float32|int4], "
+                         "compressed-tensors")  # before loading the model
     out = Path(a.output)
     if out.exists() and not a.overwrite and (out.is_file() or any(out.iterdir())):
         raise FileExistsError(f"output {out} exists; pass --overwrite to replace it")
+    if a.imatrix and kind != "gguf":
+        raise ValueError("--imatrix applies to GGUF exports")
     model = lp.load(a.model, trust_remote_code=a.trust_remote_code)
-    s = lp.export(model, out, a.format, overwrite=a.overwrite)
+    calib = lp.data.calibration(a.calib, a.n_samples, a.seqlen) if a.imatrix else None
+    s = lp.export(model, out, a.format, overwrite=a.overwrite, calib=calib)
     fb = s.get("fallback") or {}
     print(f"wrote {s['file']} ({s['type']}" + (f", {s['size_mb']:.1f} MB" if "size_mb" in s else "") + ")"
           + (f"; {len(fb)} tensors fell back: " + ", ".join(f"{k} {v}" for k, v in fb.items()) if fb else ""))

@@ -64,6 +64,20 @@ def test_export_gguf_and_errors(tmp_path, tiny_dir, capsys):
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "tiny-llama"]
 
 
+def test_export_k_mix_with_imatrix(tmp_path, tiny_dir, text_file, capsys):
+    """gguf:q4_k_m with --imatrix: rows of 64 fall back as llama.cpp does (reported), every
+    linear is solved with the importance weights; --imatrix refuses non-GGUF formats."""
+    out, js = tmp_path / "k.gguf", tmp_path / "k.json"
+    assert main(["export", str(tiny_dir), "--format", "gguf:q4_k_m", "--imatrix", "--calib", str(text_file),
+                 "--n-samples", "4", "--seqlen", "32", "-o", str(out), "--json", str(js)]) == 0
+    assert "fell back" in capsys.readouterr().out
+    s = json.loads(js.read_text())
+    assert s["tensors"]["blk.0.ffn_down.weight"] == "q5_0" and s["tensors"]["output.weight"] == "q8_0"
+    assert s["method"]["blk.0.ffn_down.weight"] == "weighted"
+    assert main(["export", str(tiny_dir), "--format", "compressed-tensors", "--imatrix", "-o", str(tmp_path / "c")]) == 2
+    assert "--imatrix applies to GGUF" in capsys.readouterr().err
+
+
 def test_compress_stream_matches_in_memory(tmp_path, tiny_dir, text_file, capsys):
     args = ["-r", "w4a16-gptq", "-g", "32", "--calib", str(text_file), "--n-samples", "4", "--seqlen", "32",
             "--eval", "--n-windows", "2", "--eval-seqlen", "32", "--eval-corpus", str(text_file)]

@@ -24,18 +24,61 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmpress.quant import ggml
+from llmpress.quant import ggml, kquants
 
 log = logging.getLogger(__name__)
 
 # transformers model_type -> GGUF architecture name
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # llama.cpp's general.file_type (enum llama_ftype) per requested type
-FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
+FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32,
+             "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15,
+             "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}  # as llama-quantize reads them
+# a K-quant mix's base tensor type
+_BASE = {"q2_k": "q2_k", "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k", "q4_k_s": "q4_k",
+         "q4_k_m": "q4_k", "q5_k_s": "q5_k", "q5_k_m": "q5_k", "q6_k": "q6_k"}
+# a K-quant tensor whose rows do not tile into 256-value super-blocks (llama.cpp's tensor_type_fallback)
+_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 class GGUFExportError(ValueError):
     """The model or the request cannot be written as GGUF (architecture, type, tokenizer)."""
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def mix_type(ftype: str, gname: str, ncols: int, n_layers: int, n_gqa: int, tied: bool) -> tuple[str, str | None]:
+    """The GGML type llama.cpp's ``llama_tensor_get_type`` gives tensor ``gname`` (a GGUF name
+    such as ``blk.3.attn_v.weight``) in K-quant mix ``ftype`` (Llama-family rules, dense
+    models), after its fallback for rows that do not tile; returns (type, fallback note or None)."""
+    base = _BASE[ftype]
+    t = base
+    parts = gname.split(".")
+    i = int(parts[1]) if parts[0] == "blk" else -1
+    kind = parts[2] if parts[0] == "blk" else parts[0]
+    if kind == "output" or (tied and kind == "token_embd"):
+        t = "q8_0" if ncols % 256 else "q6_k"
+    elif kind == "attn_v":
+        t = {"q2_k": "q4_k" if n_gqa >= 4 else "q3_k", "q3_k_m": "q5_k" if i < 2 else "q4_k", "q3_k_l": "q5_k",
+             "q4_k_m": "q6_k" if _use_more_bits(i, n_layers) else base,
+             "q5_k_m": "q6_k" if _use_more_bits(i, n_layers) else base,
+             "q4_k_s": "q5_k" if i < 4 else base}.get(ftype, base)
+    elif kind == "ffn_down":
+        t = {"q2_k": "q3_k", "q3_k_m": "q5_k" if i < n_layers // 16 else "q4_k", "q3_k_l": "q5_k",
+             "q4_k_m": "q6_k" if _use_more_bits(i, n_layers) else base,
+             "q5_k_m": "q6_k" if _use_more_bits(i, n_layers) else base,
+             "q4_k_s": "q5_k" if i < n_layers // 8 else base}.get(ftype, base)
+    elif kind == "attn_output":
+        t = {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(ftype, base)
+    if t in _FALLBACK and ncols % 256:
+        fb = _FALLBACK[t]
+        if ncols % 32:
+            fb = "f16"
+        return fb, f"{t} -> {fb} (row length {ncols})"
+    return t, None
 
 
 def _ggml_type(name: str):
@@ -70,6 +113,23 @@ def float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             seen.add(id(p))
             out[f"{pre}{pname}"] = p.detach().float()
     return out
+
+
+def _permute_qweight(qw, n_head: int):
+    """The rope row permutation applied to a solved integer weight (rows of qdata, scales, zeros)."""
+    from dataclasses import replace
+
+    if qw.scheme.group_axis != 1:
+        return None
+    rows = _permute_rope(torch.arange(qw.shape[0]), n_head)
+    pick = (lambda v: v if v is None or v.numel() == 1 else v[rows])
+    return replace(qw, qdata=qw.qdata[rows], scale=pick(qw.scale), zero=pick(qw.zero))
+
+
+def _progress(total: int, on: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="GGUF tensors", unit="tensor", disable=not on)
 
 
 def _source_gguf(model: nn.Module) -> Path | None:
@@ -154,15 +214,40 @@ def _rope_theta(cfg) -> float:
     return float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
 
 
+def _encode(t: torch.Tensor, tt: str, imp: torch.Tensor | None, qw) -> tuple[torch.Tensor, str]:
+    """Bytes of one 2-D tensor in GGML type ``tt`` and how they were made: a solved integer
+    weight carried as is, K-quant search, importance-weighted search, or the reference rounding."""
+    if qw is not None:
+        b = ggml.carry(qw, tt)
+        if b is not None:
+            return b, "carried"
+    if tt in kquants.SPECS:
+        return kquants.quantize_rows(t, tt, imp), "weighted" if imp is not None else "search"
+    if imp is not None and tt in kquants.LEGACY:
+        return kquants.quantize_legacy_weighted(t, tt, imp), "weighted"
+    return ggml.quantize_rows(t, tt), "reference"
+
+
 def save_gguf(model: nn.Module, out: str | os.PathLike, qtype: str = "q8_0", *, overwrite: bool = False,
-              name: str | None = None) -> dict:
-    """Write ``model`` as a GGUF file with 2-D weights in ``qtype``; returns a summary
-    (tensor types, fallbacks, size)."""
+              name: str | None = None, imatrix: dict[str, torch.Tensor] | None = None,
+              progress: bool = False) -> dict:
+    """Write ``model`` as a GGUF file: 2-D weights in ``qtype`` (a single type, or a K-quant
+    mix such as ``q4_k_m`` whose per-tensor types follow llama.cpp's rules); returns a summary
+    (tensor types, fallbacks, how each was quantized, size).
+
+    ``imatrix`` maps linear layer names (``model.layers.0.mlp.down_proj``; ``lm_head`` for the
+    output, also used for tied embeddings) to the mean squared input of each column (see
+    :func:`llmpress.calibrate.input_moments`); quantized types then minimise the error weighted
+    by it. Weights already solved on an integer grid that fits the type (GPTQ, AWQ, RTN with one
+    scale per 32 columns) keep their integers."""
     import gguf
 
-    qtype = qtype.lower()
+    from llmpress.nn import QuantLinear
+
+    qtype = ALIASES.get(qtype.lower(), qtype.lower())
     if qtype not in FILE_TYPE:
-        raise GGUFExportError(f"GGUF type {qtype!r} is not supported; allowed: {sorted(FILE_TYPE)}")
+        raise GGUFExportError(f"GGUF type {qtype!r} is not supported; allowed: {sorted(FILE_TYPE)} "
+                              f"(aliases {sorted(ALIASES)})")
     cfg = model.config
     arch = ARCHS.get(cfg.model_type)
     if arch is None:
@@ -213,25 +298,50 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, qtype: str = "q8_0", *, 
                 raise GGUFExportError("the model has no tokenizer attached (model.llmpress_tokenizer)")
             _bpe_tokenizer(w, tok, int(cfg.vocab_size), tokenizer_hints(model).get("pre"))
 
-        for hf_name, t in tensors.items():
+        mods = dict(model.named_modules())
+        tied = "lm_head.weight" not in tensors
+        imatrix = imatrix or {}
+        todo = list(tensors.items())
+        bar = _progress(len(todo), progress)
+        for hf_name, t in todo:
             gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise GGUFExportError(f"no GGUF tensor name for {hf_name} ({arch})")
+            perm = None
             if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                t = _permute_rope(t, n_head)
+                perm = n_head
             elif arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                t = _permute_rope(t, n_kv)
-            tt = qtype if t.dim() == 2 else "f32"
-            if tt not in ("f32", "f16", "bf16") and not ggml.fits(t.shape[-1], tt):
-                summary["fallback"][gname] = f"{tt} -> f16 (row length {t.shape[-1]})"
-                tt = "f16"
+                perm = n_kv
+            if perm is not None:
+                t = _permute_rope(t, perm)
+            if t.dim() != 2:
+                tt = "f32"
+            elif qtype in _BASE:
+                tt, note = mix_type(qtype, gname, t.shape[-1], n_blocks, n_head // n_kv, tied)
+                if note:
+                    summary["fallback"][gname] = note
+            else:
+                tt = qtype
+                if tt not in ("f32", "f16", "bf16") and not ggml.fits(t.shape[-1], tt):
+                    summary["fallback"][gname] = f"{tt} -> f16 (row length {t.shape[-1]})"
+                    tt = "f16"
             if tt == "f32":
                 w.add_tensor(gname, t.contiguous().numpy())
             elif tt == "f16":
                 w.add_tensor(gname, t.to(torch.float16).contiguous().numpy())
             else:  # bytes [rows, row bytes]; the writer derives the element shape from the type
-                w.add_tensor(gname, ggml.quantize_rows(t, tt).numpy(), raw_dtype=_ggml_type(tt))
+                mname = hf_name.rsplit(".", 1)[0]
+                imp = imatrix.get("lm_head" if tied and gname == "token_embd.weight" else mname)
+                mod = mods.get(mname)
+                qw = mod.qweight if isinstance(mod, QuantLinear) and hf_name.endswith(".weight") else None
+                if qw is not None and perm is not None:
+                    qw = _permute_qweight(qw, perm)
+                data, how = _encode(t, tt, imp, qw)
+                w.add_tensor(gname, data.numpy(), raw_dtype=_ggml_type(tt))
+                summary.setdefault("method", {})[gname] = how
             summary["tensors"][gname] = tt
+            bar.update(1)
+        bar.close()
         for g, why in summary["fallback"].items():
             log.warning("GGUF: %s stored as %s", g, why)
         w.write_header_to_file()

@@ -51,7 +51,18 @@ def _high_bits(q: torch.Tensor) -> torch.Tensor:
     """[n, 32] 5-bit values -> [n, 4] bytes holding bit 4 of each value, value i at bit i % 8
     of byte i // 8 (a little-endian uint32)."""
     bits = ((q.to(torch.int32) >> 4) & 1).view(-1, 4, 8)
-    return (bits << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+    return (bits << torch.arange(8, dtype=torch.int32, device=q.device)).sum(-1).to(torch.uint8)
+
+
+def pack_block(qtype: str, d: torch.Tensor, q: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+    """Scales d [n, 1] (and minima m, ``_1`` types), stored integers q [n, 32] (unsigned for the
+    4/5-bit types, signed for Q8_0) -> [n, bytes per block] uint8."""
+    if qtype == "q8_0":
+        return torch.cat([_f16_bytes(d), q.to(torch.int8).view(torch.uint8)], -1)
+    head = [_f16_bytes(d)] if m is None else [_f16_bytes(d), _f16_bytes(m)]
+    if qtype in ("q4_0", "q4_1"):
+        return torch.cat([*head, _nibbles(q)], -1)
+    return torch.cat([*head, _high_bits(q), _nibbles(q)], -1)
 
 
 def quantize_blocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -59,25 +70,17 @@ def quantize_blocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
     x = x.float()
     if qtype == "q8_0":
         d = x.abs().amax(-1, keepdim=True) / 127
-        q = _roundf(x * _inv(d)).to(torch.int8).view(torch.uint8)
-        return torch.cat([_f16_bytes(d), q], -1)
+        return pack_block(qtype, d, _roundf(x * _inv(d)))
     if qtype in ("q4_0", "q5_0"):
         lev = 8 if qtype == "q4_0" else 16
         mx = torch.gather(x, -1, x.abs().argmax(-1, keepdim=True))  # the signed value of largest magnitude
         d = mx / -lev
-        q = torch.trunc(x * _inv(d) + (lev + 0.5)).clamp(0, 2 * lev - 1)
-        if qtype == "q4_0":
-            return torch.cat([_f16_bytes(d), _nibbles(q)], -1)
-        return torch.cat([_f16_bytes(d), _high_bits(q), _nibbles(q)], -1)
+        return pack_block(qtype, d, torch.trunc(x * _inv(d) + (lev + 0.5)).clamp(0, 2 * lev - 1))
     if qtype in ("q4_1", "q5_1"):
         top = 15 if qtype == "q4_1" else 31
         lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
         d = (hi - lo) / top
-        q = torch.trunc((x - lo) * _inv(d) + 0.5).clamp(0, top)
-        head = [_f16_bytes(d), _f16_bytes(lo)]
-        if qtype == "q4_1":
-            return torch.cat([*head, _nibbles(q)], -1)
-        return torch.cat([*head, _high_bits(q), _nibbles(q)], -1)
+        return pack_block(qtype, d, torch.trunc((x - lo) * _inv(d) + 0.5).clamp(0, top), lo)
     raise ValueError(f"GGML type {qtype!r} has no block quantizer here; allowed: {[t for t in TYPES if t[0] == 'q']}")
 
 
@@ -104,3 +107,45 @@ def quantize_rows(w: torch.Tensor, qtype: str) -> torch.Tensor:
 def fits(k: int, qtype: str) -> bool:
     """Whether rows of length ``k`` tile into ``qtype`` blocks."""
     return k % BLOCK[qtype][0] == 0
+
+
+# signed integer range of the symmetric types, stored offset (x = d * (stored - offset))
+_SYM = {"q4_0": (-8, 7), "q5_0": (-16, 15), "q8_0": (-128, 127)}
+_AFFINE = {"q4_1": 15, "q5_1": 31}
+
+
+def carry(qw, qtype: str) -> torch.Tensor | None:
+    """Write a solved integer weight (:class:`~llmpress.quant.primitives.QuantizedWeight`, e.g.
+    from GPTQ or AWQ) as ``qtype`` blocks keeping its integers, where its grid fits: integer
+    weights with one scale per 32-column block (groups of a multiple of 32, or per channel) and
+    ``q - zero`` within the type's range (a 4-bit grid fits Q4_0 when symmetric, Q5_0, Q8_0,
+    Q4_1, Q5_1 in any case). Only the scales are rounded (to fp16). Returns bytes
+    [R, K / 32 * size] or None where the grid does not fit."""
+    s = qw.scheme
+    if qtype not in _SYM and qtype not in _AFFINE:
+        return None
+    if s.type != "int" or s.group_axis != 1 or s.strategy not in ("group", "channel"):
+        return None
+    if qw.zero is not None and qw.zero.is_floating_point():
+        return None  # HQQ's float zero points are not on an integer grid
+    n, k = qw.shape
+    gs = k if s.strategy == "channel" else s.group_size
+    if k % QK or gs % QK:
+        return None
+    rep = gs // QK
+    v = qw.qdata.to(torch.int32).cpu()
+    if qw.zero is not None:
+        v = v - qw.zero.to(torch.int32).cpu().reshape(n, -1).repeat_interleave(gs, 1)
+    v = v.reshape(-1, QK)  # x = d * v per block
+    d = qw.scale.float().cpu().reshape(n, -1).repeat_interleave(rep, 1).reshape(-1, 1)
+    if not torch.isfinite(d.to(torch.float16)).all():
+        return None
+    if qtype in _SYM:
+        lo, hi = _SYM[qtype]
+        if v.min() < lo or v.max() > hi:
+            return None
+        return pack_block(qtype, d, v if qtype == "q8_0" else v - lo).reshape(n, -1)
+    vmin = v.amin(-1, keepdim=True)
+    if (v.amax(-1, keepdim=True) - vmin).max() > _AFFINE[qtype]:
+        return None
+    return pack_block(qtype, d, v - vmin, d * vmin).reshape(n, -1)

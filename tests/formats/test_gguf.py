@@ -97,3 +97,114 @@ def test_gguf_errors_leave_nothing(tmp_path, tokenizer):
     with pytest.raises(GGUFExportError, match="tokenizer"):
         save_gguf(m, tmp_path / "g2.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.gguf"]  # no partial or temp files
+
+
+def _wide_llama(tokenizer):
+    """A 2-block Llama whose rows tile into K-quant super-blocks (hidden 256, ffn 512)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    m = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    m.llmpress_tokenizer = tokenizer
+    return m
+
+
+def test_k_mix_types_follow_llama_cpp():
+    """smollm2-135m's Q4_K_M as llama.cpp 0.3.36 wrote it (bench/export.py compares every tensor):
+    30 blocks, 576-wide rows fall back (Q4_K -> Q5_0, Q6_K -> Q8_0), ffn_down (1536) keeps K-quants,
+    attn_v / ffn_down get Q6_K on the use_more_bits layers, the tied embedding is the output."""
+    from collections import Counter
+
+    from llmpress.formats.gguf import mix_type
+
+    names = ["token_embd.weight"] + [f"blk.{i}.{k}.weight" for i in range(30) for k in
+                                     ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+    got = {n: mix_type("q4_k_m", n, 1536 if "ffn_down" in n else 576, 30, 3, tied=True) for n in names}
+    assert Counter(t for t, _ in got.values()) == {"q5_0": 166, "q4_k": 16, "q6_k": 14, "q8_0": 15}
+    assert got["blk.0.attn_v.weight"] == ("q8_0", "q6_k -> q8_0 (row length 576)")
+    assert got["blk.3.ffn_down.weight"] == ("q4_k", None) and got["blk.5.ffn_down.weight"] == ("q6_k", None)
+    assert mix_type("q3_k_m", "blk.1.attn_v.weight", 4096, 32, 4, False) == ("q5_k", None)
+    assert mix_type("q3_k_m", "blk.9.attn_v.weight", 4096, 32, 4, False) == ("q4_k", None)
+    assert mix_type("q2_k", "blk.9.attn_v.weight", 4096, 32, 4, False) == ("q4_k", None)  # GQA >= 4
+    assert mix_type("q2_k", "blk.9.ffn_down.weight", 4096, 32, 4, False) == ("q3_k", None)
+    assert mix_type("q2_k", "blk.9.ffn_up.weight", 576, 32, 4, False) == ("q4_0", "q2_k -> q4_0 (row length 576)")
+    assert mix_type("q5_k_s", "output.weight", 4096, 32, 4, False) == ("q6_k", None)
+    assert mix_type("q4_k_m", "blk.0.attn_q.weight", 48, 2, 1, False) == ("f16", "q4_k -> f16 (row length 48)")
+
+
+def test_k_mix_gguf_reads_back(tmp_path, tokenizer):
+    """A Q4_K_M file: the types llama.cpp's rules give, read by gguf's reader and by transformers
+    with logits close to the float model's; with an importance matrix from calibration tokens
+    every quantized tensor is solved weighted, and its weighted error is lower."""
+    m = _wide_llama(tokenizer)
+    t = correlated_tokens(4, 32)
+    s = lp.export(m, tmp_path / "k.gguf", "gguf:q4_k", calib=t, progress=False)  # alias of q4_k_m
+    s0 = save_gguf(m, tmp_path / "k0.gguf", "q4_k_m")
+    r = gguf.GGUFReader(tmp_path / "k.gguf")
+    types = {x.name: x.tensor_type.name.lower() for x in r.tensors}
+    assert r.fields["general.file_type"].contents() == 15
+    assert types["blk.0.attn_v.weight"] == "q4_k" and types["blk.1.attn_v.weight"] == "q6_k"  # use_more_bits(1, 2)
+    assert types["blk.0.ffn_down.weight"] == "q4_k" and types["blk.1.ffn_down.weight"] == "q6_k"
+    assert types["output.weight"] == "q6_k" and types["token_embd.weight"] == "q4_k"
+    assert types == s0["tensors"] and not s["fallback"]
+    assert s["method"].pop("token_embd.weight") == "search"  # no importance for an embedding table
+    assert set(s["method"].values()) == {"weighted"} and set(s0["method"].values()) == {"search"}
+    save_gguf(m, tmp_path / "q40.gguf", "q4_0")
+    with torch.no_grad():
+        ref = m(t).logits
+        rel = {f: float((lp.load(tmp_path / f)(t).logits - ref).norm() / ref.norm()) for f in ("k.gguf", "k0.gguf", "q40.gguf")}
+    # random weights amplify rounding noise (0.24 relative here); the order is what is checked:
+    # importance-weighted < plain Q4_K_M < pure Q4_0 (4.9 vs 4.5 bits per weight)
+    assert rel["k.gguf"] < 0.97 * rel["k0.gguf"] and rel["k0.gguf"] < 0.85 * rel["q40.gguf"], rel
+    from llmpress import calibrate
+
+    imp = calibrate.input_moments(m, t, progress=False)["model.layers.0.mlp.down_proj"]
+    w = m.model.layers[0].mlp.down_proj.weight.detach()
+    err = {}
+    for f in ("k.gguf", "k0.gguf"):
+        x = next(x for x in gguf.GGUFReader(tmp_path / f).tensors if x.name == "blk.0.ffn_down.weight")
+        y = torch.from_numpy(gguf.quants.dequantize(x.data, x.tensor_type)).reshape(w.shape)
+        err[f] = float((imp * (y - w) ** 2).sum())
+    assert err["k.gguf"] < 0.97 * err["k0.gguf"], err
+
+
+def test_input_moments_are_mean_squared_inputs(tokenizer):
+    from llmpress import calibrate
+
+    m = tiny_model("llama")
+    t = correlated_tokens(3, 16)
+    seen = []
+    h = m.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda mod, a: seen.append(a[0].detach().clone()))
+    im = calibrate.input_moments(m, t, batch_size=2, progress=False)
+    h.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
+    torch.testing.assert_close(im["model.layers.1.mlp.down_proj"], (x ** 2).mean(0))
+    assert "lm_head" in im and im["lm_head"].shape == (64,)
+
+
+def test_gguf_carries_gptq_integers(tmp_path, tokenizer):
+    """GPTQ 4-bit asymmetric, group 32: exported as Q5_0 the blocks keep GPTQ's integers (the
+    GGUF weight equals the compressed layer's up to fp16 scales); the Q/K rows are permuted with
+    their scales."""
+    m = tiny_model("llama")
+    m.llmpress_tokenizer = tokenizer
+    lp.compress(m, lp.recipe("w4a16-gptq", group_size=32, symmetric=False), correlated_tokens(4, 32), progress=False)
+    s = save_gguf(m, tmp_path / "g.gguf", "q5_0")
+    assert s["method"]["blk.0.ffn_down.weight"] == "carried" and s["method"]["blk.0.attn_q.weight"] == "carried"
+    assert s["method"]["token_embd.weight"] == "reference"
+    from llmpress.formats.gguf import _permute_rope
+
+    r = {x.name: x for x in gguf.GGUFReader(tmp_path / "g.gguf").tensors}
+    for gname, mod, perm in (("blk.0.ffn_down.weight", m.model.layers[0].mlp.down_proj, None),
+                             ("blk.1.attn_q.weight", m.model.layers[1].self_attn.q_proj, 4)):
+        w = mod.weight.detach().float()
+        if perm:
+            w = _permute_rope(w, perm)
+        y = torch.from_numpy(gguf.quants.dequantize(r[gname].data, r[gname].tensor_type)).reshape(w.shape)
+        torch.testing.assert_close(y, w, rtol=2e-3, atol=2e-3 * float(w.abs().max()))
