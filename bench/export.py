@@ -159,22 +159,46 @@ def main() -> None:
                          "differences": {k: [ta[k], tb.get(k)] for k in ta if ta[k] != tb.get(k)}}
         print(f"{f}: tensor types equal to llama.cpp's: {ta == tb}", flush=True)
 
-    # llama.cpp runs the files
+    # llama.cpp runs the files: greedy continuations vs transformers on the same file (its GGUF
+    # loader dequantizes the blocks) and vs the fp32 base; the first divergence and transformers'
+    # logit margin there (llama.cpp's CPU matmuls round activations to 8 bits for Q8_0 weights)
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     req = out / "gen.json"
     req.write_text(json.dumps({"prompts": prompts, "n": a.gen_tokens, "texts": PROMPTS}))
-    ref = []
-    with torch.inference_mode():
-        for ids in prompts:
-            g = base.generate(torch.tensor([ids]), max_new_tokens=a.gen_tokens, do_sample=False)
-            ref.append(g[0, len(ids):].tolist())
+
+    def greedy(model) -> list[list[int]]:
+        with torch.inference_mode():
+            return [model.generate(torch.tensor([ids]), max_new_tokens=a.gen_tokens, do_sample=False)[0, len(ids):].tolist()
+                    for ids in prompts]
+
+    ref = greedy(base)
     gen = {}
     for key in [k for k in files if k.endswith(("q8_0", "q4_k_m"))]:
         r = peer(a.peer_python, "generate", str(files[key][0]), str(req))
-        gen[key] = {"same_as_transformers_base": [c == t for c, t in zip(r["continuations"], ref)],
+        same_file = lp.load(str(files[key][0]))
+        hf = greedy(same_file)
+        div = []
+        for ids, c, h in zip(prompts, r["continuations"], hf):
+            k = next((i for i, (x, y) in enumerate(zip(c, h)) if x != y), None)
+            if k is None:
+                div.append(None)
+                continue
+            with torch.inference_mode():
+                lg = same_file(torch.tensor([ids + h[:k]])).logits[0, -1]
+            div.append({"at": k, "transformers": h[k], "llama_cpp": c[k], "margin": float(lg[h[k]] - lg[c[k]])})
+        gen[key] = {"same_as_transformers_same_file": [d is None for d in div], "divergence": div,
+                    "same_as_transformers_base": [c == t for c, t in zip(r["continuations"], ref)],
                     "tokenization_same": [x == y for x, y in zip(r["tokenized"], prompts)],
                     "continuations": r["continuations"]}
-        print(f"{key}: llama.cpp greedy == transformers base: {gen[key]['same_as_transformers_base']}", flush=True)
+        print(f"{key}: llama.cpp greedy == transformers on the same file: {gen[key]['same_as_transformers_same_file']} "
+              f"{div}; == base: {gen[key]['same_as_transformers_base']}", flush=True)
+        del same_file
+    import gguf
+
+    ra, rb = gguf.GGUFReader(files["llama.cpp q8_0"][0]), gguf.GGUFReader(files["llmpress q8_0"][0])
+    da = {t.name: np.asarray(t.data).tobytes() for t in ra.tensors}
+    q8_identical = all(np.asarray(t.data).tobytes() == da[t.name] for t in rb.tensors)
+    print(f"Q8_0 tensor bytes identical to llama.cpp's: {q8_identical}", flush=True)
 
     # quality, read back with transformers' GGUF loader
     models = {k: lp.load(str(v[0])) for k, v in files.items()}
@@ -196,7 +220,8 @@ def main() -> None:
     res_file.write_text(json.dumps({
         "model": "smollm2-135m", "protocol": f"wiki eval, {a.n_windows} x 1024-token windows, KL vs fp32 base",
         "base_ppl": base_res.ppl, "imatrix": f"wiki calib, {a.imatrix_samples} x 512 tokens", "rows": rows,
-        "tensor_types_vs_llama_cpp": type_check, "llama_cpp_generation": gen, "block_errors": blocks,
+        "tensor_types_vs_llama_cpp": type_check, "q8_0_bytes_identical_to_llama_cpp": q8_identical,
+        "llama_cpp_generation": gen, "block_errors": blocks,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
         "command": "python bench/export.py " + " ".join(sys.argv[1:])}, indent=2))
     print(f"wrote {res_file}")

@@ -68,7 +68,7 @@ def compress(
 
 def export(model: nn.Module, out: str | os.PathLike, format: str = "gguf:q8_0", *, overwrite: bool = False,
            calib: data.Calibration | torch.Tensor | None = None, imatrix: dict[str, torch.Tensor] | None = None,
-           progress: bool = True) -> dict:
+           types: dict[str, str] | None = None, progress: bool = True) -> dict:
     """Write ``model`` where it is served: ``gguf:TYPE`` (llama.cpp; TYPE one of f32, f16, bf16,
     q8_0, q4_0, q4_1, q5_0, q5_1, or a K-quant mix q2_k, q3_k_s|m|l, q4_k_s|m, q5_k_s|m, q6_k)
     or ``onnx[:float32|int4]`` (onnxruntime, with a KV cache; int4 through MatMulNBits) or
@@ -76,7 +76,8 @@ def export(model: nn.Module, out: str | os.PathLike, format: str = "gguf:q8_0", 
     :class:`~llmpress.data.Calibration` or token ids [n, seqlen]) computes an importance matrix
     (``imatrix``: mean squared input per column of each linear, see
     :func:`llmpress.calibrate.input_moments`) that weighs the rounding errors. Returns a summary
-    of what was written."""
+    of what was written. ``types`` sets the GGML type of named linears (a GGUF plan, see
+    :mod:`llmpress.plan.gguf`)."""
     kind, _, arg = format.partition(":")
     if kind == "gguf":
         from llmpress.formats.gguf import save_gguf
@@ -91,7 +92,8 @@ def export(model: nn.Module, out: str | os.PathLike, format: str = "gguf:q8_0", 
                     raise ValueError("calibration text needs a tokenizer: load the model with llmpress.load")
                 tokens = calib.tokens(tok)
             imatrix = calibrate.input_moments(model, tokens, progress=progress)
-        return save_gguf(model, out, arg or "q8_0", overwrite=overwrite, imatrix=imatrix, progress=progress)
+        return save_gguf(model, out, arg or "q8_0", overwrite=overwrite, imatrix=imatrix, types=types,
+                         progress=progress)
     if kind == "onnx":
         from llmpress.formats.onnx import save_onnx
 

@@ -230,7 +230,7 @@ def _encode(t: torch.Tensor, tt: str, imp: torch.Tensor | None, qw) -> tuple[tor
 
 def save_gguf(model: nn.Module, out: str | os.PathLike, qtype: str = "q8_0", *, overwrite: bool = False,
               name: str | None = None, imatrix: dict[str, torch.Tensor] | None = None,
-              progress: bool = False) -> dict:
+              types: dict[str, str] | None = None, progress: bool = False) -> dict:
     """Write ``model`` as a GGUF file: 2-D weights in ``qtype`` (a single type, or a K-quant
     mix such as ``q4_k_m`` whose per-tensor types follow llama.cpp's rules); returns a summary
     (tensor types, fallbacks, how each was quantized, size).
@@ -239,7 +239,9 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, qtype: str = "q8_0", *, 
     output, also used for tied embeddings) to the mean squared input of each column (see
     :func:`llmpress.calibrate.input_moments`); quantized types then minimise the error weighted
     by it. Weights already solved on an integer grid that fits the type (GPTQ, AWQ, RTN with one
-    scale per 32 columns) keep their integers."""
+    scale per 32 columns) keep their integers. ``types`` sets the GGML type of named linear layers
+    (``{"model.layers.0.mlp.down_proj": "q6_k"}``, e.g. from :func:`llmpress.plan.gguf.plan_types`),
+    over the mix's choice."""
     import gguf
 
     from llmpress.nn import QuantLinear
@@ -301,6 +303,7 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, qtype: str = "q8_0", *, 
         mods = dict(model.named_modules())
         tied = "lm_head.weight" not in tensors
         imatrix = imatrix or {}
+        types = dict(types or {})
         todo = list(tensors.items())
         bar = _progress(len(todo), progress)
         for hf_name, t in todo:
@@ -314,8 +317,17 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, qtype: str = "q8_0", *, 
                 perm = n_kv
             if perm is not None:
                 t = _permute_rope(t, perm)
+            mname = hf_name.rsplit(".", 1)[0]
             if t.dim() != 2:
                 tt = "f32"
+            elif mname in types and hf_name.endswith(".weight"):
+                tt = types.pop(mname)
+                if tt not in kquants.SPECS and tt not in ggml.BLOCK:
+                    raise GGUFExportError(f"{mname}: GGML type {tt!r} is not supported; allowed: "
+                                          f"{sorted(set(kquants.SPECS) | set(ggml.BLOCK))}")
+                bs = kquants.QK_K if tt in kquants.SPECS else ggml.BLOCK[tt][0]
+                if t.shape[-1] % bs:
+                    raise GGUFExportError(f"{mname}: rows of {t.shape[-1]} do not tile into {tt} blocks of {bs}")
             elif qtype in _BASE:
                 tt, note = mix_type(qtype, gname, t.shape[-1], n_blocks, n_head // n_kv, tied)
                 if note:
@@ -330,7 +342,6 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, qtype: str = "q8_0", *, 
             elif tt == "f16":
                 w.add_tensor(gname, t.to(torch.float16).contiguous().numpy())
             else:  # bytes [rows, row bytes]; the writer derives the element shape from the type
-                mname = hf_name.rsplit(".", 1)[0]
                 imp = imatrix.get("lm_head" if tied and gname == "token_embd.weight" else mname)
                 mod = mods.get(mname)
                 qw = mod.qweight if isinstance(mod, QuantLinear) and hf_name.endswith(".weight") else None
@@ -342,6 +353,8 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, qtype: str = "q8_0", *, 
             summary["tensors"][gname] = tt
             bar.update(1)
         bar.close()
+        if types:
+            raise GGUFExportError(f"types= names layers the model does not have: {sorted(types)[:5]}")
         for g, why in summary["fallback"].items():
             log.warning("GGUF: %s stored as %s", g, why)
         w.write_header_to_file()
