@@ -117,6 +117,9 @@ def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False) -
         extra["llmpress_recipe.json"] = json.dumps(r.to_dict(), indent=2)
     from llmpress.formats.gguf import tokenizer_hints
 
+    from llmpress.formats.card import model_card
+
+    extra["README.md"] = model_card(model, "compressed-tensors")
     hints = tokenizer_hints(model)
     if hints:
         extra["llmpress_gguf.json"] = json.dumps(hints, indent=2)

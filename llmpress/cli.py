@@ -364,9 +364,18 @@ def _compress(a: argparse.Namespace) -> dict:
               f"windows of {a.eval_corpus})\n")
         print(table(rows, QUALITY_COLUMNS))
         result["eval"] = rows
+        _card_metrics(model, out, rows)
     else:
         print(f"saved {out} ({len(rep.layers)} layers, {rep.seconds:.1f} s, peak RSS {rep.peak_rss_mb:.0f} MB)")
     return result
+
+
+def _card_metrics(model, out: Path, rows: list[dict]) -> None:
+    """Rewrite the output's model card with the measured rows."""
+    from llmpress.formats import write_text_atomic
+    from llmpress.formats.card import model_card
+
+    write_text_atomic(out / "README.md", model_card(model, "compressed-tensors", metrics=rows))
 
 
 def _compress_stream(a: argparse.Namespace, r, out: Path, pred) -> dict:
@@ -405,6 +414,7 @@ def _compress_stream(a: argparse.Namespace, r, out: Path, pred) -> dict:
         rows[0]["delta_ppl_pct"] = 0.0
         print(table(rows, QUALITY_COLUMNS))
         result["eval"] = rows
+        _card_metrics(model, out, rows)
     return result
 
 

@@ -17,6 +17,9 @@ def test_compress_eval_info_end_to_end(tmp_path, tiny_dir, text_file, capsys):
     base, comp = rep["eval"]
     assert base["kl"] == pytest.approx(0, abs=1e-6) and comp["kl"] > 0 and comp["size_mb"] < base["size_mb"]
     assert (out / "config.json").exists()
+    card = (out / "README.md").read_text()  # model card: loading, layers, recipe, the measured rows
+    assert "from_pretrained" in card and "## Recipe" in card and '"method": "gptq"' in card
+    assert "## Measured" in card and f"{comp['ppl']:.4g}" in card and "w4a16-gptq-g32" in card
 
     assert main(["eval", str(out), "--base", str(tiny_dir), "--corpus", str(text_file), "--n-windows", "2",
                  "--seqlen", "32", "--json", str(tmp_path / "e.json")]) == 0

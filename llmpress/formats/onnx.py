@@ -351,7 +351,13 @@ def save_onnx(model: nn.Module, out: str | os.PathLike, weights: str = "float32"
                    "notes": b.notes, "opset": 17, "max_length": max_length,
                    "size_mb": sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model.onnx")) / 1e6}
         (tmp / "llmpress_onnx.json").write_text(json.dumps(summary, indent=2))
-        (tmp / "README.md").write_text(_card(model, summary))
+        from llmpress.formats.card import model_card
+
+        details = [f"weights: {weights}" + (f" (4-bit MatMulNBits; {summary['embeddings']} embedding / head)"
+                                            if weights == "int4" else ""),
+                   f"size: {summary['size_mb']:.1f} MB", f"max length (rotary table): {max_length}"]
+        details += [f"{k}: {v}" for k, v in b.notes.items()]
+        (tmp / "README.md").write_text(model_card(model, f"onnx:{weights}", details=details))
         replace_dir(tmp, out)
     except BaseException:
         import shutil
@@ -362,21 +368,6 @@ def save_onnx(model: nn.Module, out: str | os.PathLike, weights: str = "float32"
         log.warning("ONNX: %s: %s", n, why)
     log.info("wrote %s (%s, %.1f MB)", out, weights, summary["size_mb"])
     return summary
-
-
-def _card(model: nn.Module, s: dict) -> str:
-    r = getattr(model, "llmpress_recipe", None)
-    lines = [f"# {getattr(model.config, '_name_or_path', '') or 'model'} (ONNX, {s['weights']})", "",
-             "Exported by llmpress for onnxruntime (CPU). Inputs: `input_ids`, `attention_mask`, `position_ids`, "
-             "`past_key_values.{i}.key|value`; outputs: `logits`, `present.{i}.key|value`.", "",
-             f"- weights: {s['weights']}" + (f" (4-bit MatMulNBits; {s['embeddings']} embedding / head)"
-                                             if s["weights"] == "int4" else ""),
-             f"- size: {s['size_mb']:.1f} MB", f"- max length (rotary table): {s['max_length']}"]
-    if r is not None:
-        lines += ["", "## Recipe", "", "```json", json.dumps(r.to_dict(), indent=2), "```"]
-    if s["notes"]:
-        lines += ["", "## Layers kept differently", ""] + [f"- {k}: {v}" for k, v in s["notes"].items()]
-    return "\n".join(lines) + "\n"
 
 
 class OnnxLM:
