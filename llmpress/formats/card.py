@@ -25,7 +25,7 @@ def model_card(model: nn.Module, fmt: str, *, details: list[str] | None = None,
     from llmpress.nn import CompressedLinear
 
     name = getattr(model.config, "_name_or_path", "") or getattr(model, "llmpress_source", "") or "model"
-    lines = [f"# {name} — {fmt}", "", f"Written by [llmpress](https://github.com/llmpress/llmpress) as {fmt}.", ""]
+    lines = [f"# {name} — {fmt}", "", f"Written by llmpress as {fmt}.", ""]
     if fmt.split(":")[0] in LOADERS:
         lines += [LOADERS[fmt.split(":")[0]], ""]
     lines += [f"- {d}" for d in details or []]
