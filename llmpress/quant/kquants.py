@@ -55,7 +55,8 @@ SPECS = {
 }
 TYPES = tuple(SPECS)
 
-_CHUNK = 2048  # super-blocks solved at a time (bounds the candidate tensors to ~100 MB)
+_CHUNK = 2048  # super-blocks solved at a time on the CPU (bounds the candidate tensors to ~50 MB)
+_CHUNK_CUDA = 32768  # on a GPU (~0.9 GB per candidate tensor): fewer, larger kernels
 
 
 def _f16(v: torch.Tensor) -> torch.Tensor:
@@ -329,8 +330,9 @@ def quantize_rows(w: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = No
     else:
         wt = _importance(imatrix.to(w.device), k).view(1, k).expand(r, k).reshape(-1, QK_K)
     out = torch.empty(x.shape[0], spec.size, dtype=torch.uint8)
-    for i in range(0, x.shape[0], _CHUNK):
-        out[i:i + _CHUNK] = pack(_solve_chunk(x[i:i + _CHUNK], wt[i:i + _CHUNK], spec), qtype).cpu()
+    ch = _CHUNK_CUDA if x.is_cuda else _CHUNK
+    for i in range(0, x.shape[0], ch):
+        out[i:i + ch] = pack(_solve_chunk(x[i:i + ch], wt[i:i + ch], spec), qtype).cpu()
     return out.reshape(r, k // QK_K * spec.size)
 
 
