@@ -338,9 +338,9 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, qtype: str = "q8_0", *, 
                     summary["fallback"][gname] = f"{tt} -> f16 (row length {t.shape[-1]})"
                     tt = "f16"
             if tt == "f32":
-                w.add_tensor(gname, t.contiguous().numpy())
+                w.add_tensor(gname, t.cpu().contiguous().numpy())
             elif tt == "f16":
-                w.add_tensor(gname, t.to(torch.float16).contiguous().numpy())
+                w.add_tensor(gname, t.to(torch.float16).cpu().contiguous().numpy())
             else:  # bytes [rows, row bytes]; the writer derives the element shape from the type
                 imp = imatrix.get("lm_head" if tied and gname == "token_embd.weight" else mname)
                 mod = mods.get(mname)
