@@ -8,7 +8,7 @@ from (first window), greedy continuations of a few prompts through the exported 
 compared with transformers' ``generate`` on that model, and onnxruntime's decode speed relative to
 the float32 export measured in the same run (64 cached steps after a 128-token prompt).
 
-    python bench/onnx.py [--n-windows 24]
+    python bench/onnx_export.py [--n-windows 24]
 
 Writes bench/results/onnx-smollm2-135m.json and prints a markdown table.
 """
@@ -109,7 +109,7 @@ def main() -> None:
                              "protocol": f"wiki eval, {a.n_windows} x 1024-token windows, KL vs torch fp32 base",
                              "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                              "machine": f"{platform.machine()}, {os.cpu_count()} cores, 2 onnxruntime threads",
-                             "command": "python bench/onnx.py " + " ".join(sys.argv[1:])}, indent=2))
+                             "command": "python bench/onnx_export.py " + " ".join(sys.argv[1:])}, indent=2))
     print(f"wrote {f}")
 
 
