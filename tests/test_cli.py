@@ -60,7 +60,7 @@ def test_export_gguf_and_errors(tmp_path, tiny_dir, capsys):
     assert types["blk.1.ffn_down.weight"] == "Q4_0" and types["output_norm.weight"] == "F32"
     before = out.read_bytes()
     assert main(["export", str(tiny_dir), "--format", "gguf:q4_0", "-o", str(out)]) == 2  # exists
-    assert main(["export", str(tiny_dir), "--format", "onnx:int4", "-o", str(tmp_path / "x")]) == 2
+    assert main(["export", str(tiny_dir), "--format", "onnx:int3", "-o", str(tmp_path / "x")]) == 2
     assert main(["export", str(tiny_dir), "--format", "gguf:q9_9", "-o", str(tmp_path / "y.gguf")]) == 2
     err = capsys.readouterr().err
     assert "exists" in err and "unknown export format" in err and "q9_9" in err
