@@ -72,6 +72,22 @@ def tiny_model(arch: str = "llama", seed: int = 0):
     return model
 
 
+def wide_llama(tokenizer=None):
+    """A 2-block Llama whose rows tile into K-quant super-blocks (hidden 256, ffn 512)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    m = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    m.llmpress_tokenizer = tokenizer
+    return m
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

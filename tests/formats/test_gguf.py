@@ -2,7 +2,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import correlated_tokens, tiny_model
+from conftest import correlated_tokens, tiny_model, wide_llama
 
 import llmpress as lp
 from llmpress.formats.gguf import GGUFExportError, save_gguf
@@ -99,22 +99,6 @@ def test_gguf_errors_leave_nothing(tmp_path, tokenizer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.gguf"]  # no partial or temp files
 
 
-def _wide_llama(tokenizer):
-    """A 2-block Llama whose rows tile into K-quant super-blocks (hidden 256, ffn 512)."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    m = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.05)
-    m.llmpress_tokenizer = tokenizer
-    return m
-
-
 def test_k_mix_types_follow_llama_cpp():
     """smollm2-135m's Q4_K_M as llama.cpp 0.3.36 wrote it (bench/export.py compares every tensor):
     30 blocks, 576-wide rows fall back (Q4_K -> Q5_0, Q6_K -> Q8_0), ffn_down (1536) keeps K-quants,
@@ -142,7 +126,7 @@ def test_k_mix_gguf_reads_back(tmp_path, tokenizer):
     """A Q4_K_M file: the types llama.cpp's rules give, read by gguf's reader and by transformers
     with logits close to the float model's; with an importance matrix from calibration tokens
     every quantized tensor is solved weighted, and its weighted error is lower."""
-    m = _wide_llama(tokenizer)
+    m = wide_llama(tokenizer)
     t = correlated_tokens(4, 32)
     s = lp.export(m, tmp_path / "k.gguf", "gguf:q4_k", calib=t, progress=False)  # alias of q4_k_m
     s0 = save_gguf(m, tmp_path / "k0.gguf", "q4_k_m")

@@ -1,33 +1,18 @@
 import gguf
 import pytest
 import torch
-from conftest import correlated_tokens
+from conftest import correlated_tokens, wide_llama
 
 import llmpress as lp
 from llmpress.plan import allocate
 from llmpress.plan.gguf import TYPES, measure_gguf, plan_types
 
 
-def _wide(tokenizer):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    m = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.05)
-    m.llmpress_tokenizer = tokenizer
-    return m
-
-
 def test_gguf_plan_measures_allocates_and_exports(tmp_path, tokenizer):
     """Every block linear gets an option per GGML type; predicted KL falls with bits for each
     layer; a 4.5 bits/weight plan fits its budget, mixes types, and the GGUF written with it has
     exactly those types (read back by gguf and transformers)."""
-    m = _wide(tokenizer)
+    m = wide_llama(tokenizer)
     t = correlated_tokens(4, 32)
     sens = measure_gguf(m, t, ("q2_k", "q4_k", "q6_k", "q8_0"), progress=False)
     assert len(sens.units) == 14 and all(len(u.options) == 4 for u in sens.units)
