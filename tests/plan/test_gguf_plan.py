@@ -1,6 +1,5 @@
 import gguf
 import pytest
-import torch
 from conftest import correlated_tokens, wide_llama
 
 import llmpress as lp
