@@ -121,7 +121,43 @@ def _cpu_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None
 def linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """y = module(x) through a kernel, or None where the reference path must run. On the CPU,
     bf16 inputs to int4 / int8 layers go through PyTorch's CPU kernels (float32 inputs keep
-    the reference: those kernels are slower than a dense float32 matmul there)."""
+    the reference: those kernels are slower than a dense float32 matmul there).
+
+    The kernels have no derivative of their own; where the input needs a gradient (LoRA /
+    QLoRA training through a frozen compressed layer) the output carries one:
+    dL/dx = dL/dy · W, with W dequantized only inside the backward pass."""
+    if torch.is_grad_enabled() and x.requires_grad and getattr(module, "act", None) is None:
+        with torch.no_grad():
+            y = _linear(module, x.detach())
+        return None if y is None else _GradX.apply(x, y, module)
+    return _linear(module, x)
+
+
+class _GradX(torch.autograd.Function):
+    """Attach the input gradient to a kernel's output (weights and bias are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:  # noqa: D102
+        ctx.module = module
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):  # noqa: D102
+        return gy @ dense_weight(ctx.module, gy.device, gy.dtype), None, None
+
+
+def dense_weight(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's [N, K] weight in ``dtype`` on ``device``: from the packed kernel layout when
+    there is one (one Triton kernel), else dequantized from the codes."""
+    p = module.__dict__.get("_kernel_cache", {}).get((str(device), dtype))
+    if device.type == "cuda" and isinstance(p, PackedWeight):
+        from llmpress.kernels.triton_wa16 import dequantize
+
+        return dequantize(p, dtype)
+    return module.qweight.to(device).dequantize(dtype)
+
+
+def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     m = mode()
     if m == "reference":
         return None
@@ -146,4 +182,30 @@ def linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-__all__ = ["PackedWeight", "UnsupportedLayout", "pack", "reference_matmul", "linear", "mode", "check_supported"]
+def prepack(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16, offload_codes: bool = False) -> int:
+    """Pack every integer-quantized linear of a CUDA-resident ``model`` into the kernel layout now
+    (for activations of ``dtype``) instead of at its first forward. With ``offload_codes`` the
+    one-byte-per-weight integer codes then move to the CPU: the GPU keeps only the packed codes
+    (``bits`` / 8 bytes per weight) and the scales, which is what QLoRA training needs. Saving
+    and CPU paths still find the codes; a forward in another dtype re-packs from them. Returns
+    the number of layers packed (0 on a CPU model)."""
+    from llmpress.nn import QuantLinear
+
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, QuantLinear) or m.scale.device.type != "cuda" or m.act is not None:
+            continue
+        try:
+            packed_for(m, m.scale.device, dtype)
+        except UnsupportedLayout:
+            continue
+        if offload_codes:
+            m.qdata = m.qdata.cpu()
+        n += 1
+    if offload_codes and n:
+        torch.cuda.empty_cache()
+    return n
+
+
+__all__ = ["PackedWeight", "UnsupportedLayout", "pack", "reference_matmul", "linear", "mode", "check_supported",
+           "prepack"]
