@@ -1,9 +1,12 @@
-"""Recovery by LoRA + knowledge distillation on smollm2-135m (pinned wiki protocol): compress,
-measure, train adapters on the calibration split only (the evaluation articles are never seen),
-measure again, report the share of the perplexity gap closed.
+"""Recovery by knowledge distillation on smollm2-135m (pinned wiki protocol): compress, measure,
+train on the calibration split only (the evaluation articles are never seen), measure again,
+report the share of the perplexity gap closed.
 
-  python bench/recover.py --start sparse50-wanda --steps 80 --out bench/results
-  python bench/recover.py --start w3a16-gptq --steps 80 --out bench/results
+  python bench/recover.py --start sparse50-wanda --steps 80 --out bench/results          # LoRA-KD
+  python bench/recover.py --start w3a16-gptq --steps 80 --out bench/results              # LoRA-KD
+  python bench/recover.py --start w3a16-gptq --method qat --learn-scales --lr 1e-4       # QAT, integer export
+  python bench/recover.py --start drop25-angular --method full --lr 5e-5 --hidden-weight 1  # distil a student
+  python bench/recover.py ... --teacher-cache 64   # teacher top-64 logits cached on disk first
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import llmpress as lp  # noqa: E402
-from llmpress.recover import RecoverConfig, add_lora, recover  # noqa: E402
+from llmpress.recover import RecoverConfig, add_lora, add_qat, cache_teacher, export_qat, recover  # noqa: E402
 
 
 def main() -> None:
@@ -37,6 +40,12 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
     ap.add_argument("--requant", action="store_true", help="also merge the adapters and re-compress with the start recipe")
+    ap.add_argument("--method", default="lora", choices=["lora", "qat", "full"])
+    ap.add_argument("--learn-scales", action="store_true", help="QAT: train the scales too")
+    ap.add_argument("--scale-lr-ratio", type=float, default=0.3)
+    ap.add_argument("--hidden-weight", type=float, default=0.0)
+    ap.add_argument("--save", help="save the recovered model here, reload it and evaluate the reloaded copy")
+    ap.add_argument("--teacher-cache", type=int, default=0, help="cache the teacher's top-k logits on disk first (k)")
     a = ap.parse_args()
     torch.manual_seed(0)
     base = lp.load("smollm2-135m")
@@ -48,12 +57,31 @@ def main() -> None:
     evb = lp.evaluate(base, base, n_windows=a.n_windows)
     n_train = max(a.steps * a.batch_size * a.grad_accum // 2, 64)  # each sequence seen about twice
     train = lp.data.calibration("wiki", n_samples=n_train, seqlen=a.seqlen, seed=1).tokens(tok)
-    add_lora(student, r=a.rank, alpha=2 * a.rank)
+    if a.method == "lora":
+        add_lora(student, r=a.rank, alpha=2 * a.rank)
+        method = f"lora-kd r{a.rank} (forward KL, T={a.temperature})"
+    elif a.method == "qat":
+        add_qat(student, learn_scales=a.learn_scales)
+        method = f"qat-kd{' learned scales' if a.learn_scales else ''} (forward KL, T={a.temperature})"
+    else:
+        method = f"full-kd (forward KL, T={a.temperature})"
+    if a.hidden_weight:
+        method += f" + hidden x{a.hidden_weight:g}"
     cfg = RecoverConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                        temperature=a.temperature, warmup=max(a.steps // 10, 1))
+                        temperature=a.temperature, warmup=max(a.steps // 10, 1), train=a.method,
+                        scale_lr_ratio=a.scale_lr_ratio, hidden_weight=a.hidden_weight)
     t0 = time.perf_counter()
-    rep = recover(student, train, base, cfg)
+    teacher = base
+    if a.teacher_cache:
+        import tempfile
+
+        teacher = cache_teacher(base, train, Path(tempfile.mkdtemp()) / "cache", k=a.teacher_cache,
+                                temperature=a.temperature)
+        method += f", teacher top-{a.teacher_cache} cached"
+    rep = recover(student, train, teacher, cfg)
     secs = time.perf_counter() - t0
+    if a.method == "qat":  # evaluate the integer model, not the fake-quantized one
+        extra_q = export_qat(student)
     ev1 = lp.evaluate(student, base, n_windows=a.n_windows)
     gap0, gap1 = ev0.ppl - evb.ppl, ev1.ppl - evb.ppl
     extra = {}
@@ -65,7 +93,14 @@ def main() -> None:
         ev2 = lp.evaluate(student, base, n_windows=a.n_windows)
         extra = {"ppl_merged_requant": ev2.ppl, "kl_merged_requant": ev2.kl,
                  "gap_closed_merged_requant": (gap0 - (ev2.ppl - evb.ppl)) / gap0}
-    row = {"start": a.start + (f" g{a.group_size}" if kw else ""), "method": f"lora-kd r{a.rank} (forward KL, T={a.temperature})",
+    if a.method == "qat":
+        extra.update(qat_integers_moved=extra_q["integers_moved"], qat_scale_change=extra_q["scale_change"])
+    if a.save:  # the exported checkpoint, read back, must give the same numbers
+        lp.save(student, a.save, overwrite=True)
+        ev3 = lp.evaluate(lp.load(a.save), base, n_windows=a.n_windows)
+        extra.update(ppl_reloaded=ev3.ppl, kl_reloaded=ev3.kl,
+                     size_mb=sum(f.stat().st_size for f in Path(a.save).glob("*.safetensors")) / 1e6)
+    row = {"start": a.start + (f" g{a.group_size}" if kw else ""), "method": method,
            "steps": a.steps, "tokens_per_step": a.batch_size * a.grad_accum * a.seqlen, "base_ppl": evb.ppl,
            "ppl_before": ev0.ppl, "ppl_after": ev1.ppl, "kl_before": ev0.kl, "kl_after": ev1.kl,
            "gap_closed": (gap0 - gap1) / gap0, "peak_rss_mb": rep.peak_rss_mb, "seconds": secs,

@@ -5,8 +5,9 @@ the figures are the student's alone).
   python bench/recover_memory.py --steps 12 --out bench/results
 
 Variants: llmpress LoRA on the fp32 base; llmpress QLoRA on the w4a16-rtn g64 checkpoint
-(compressed once beforehand, loaded as saved); plain
-transformers + peft LoRA on the fp32 base (the reference for the throughput ratio).
+(compressed once beforehand, loaded as saved), each with the logits computed 128 tokens at a
+time (the default) and whole ("-whole-logits"); plain transformers + peft LoRA on the fp32 base
+(the reference for the throughput ratio).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ def child(variant: str, steps: int, bs: int, seqlen: int, rank: int, ckpt: str |
     from llmpress.recover import RecoverConfig, add_lora, recover
 
     torch.manual_seed(0)
-    model = lp.load(ckpt if variant == "qlora-w4" else "smollm2-135m")  # the 4-bit model as saved, not compressed here
+    model = lp.load(ckpt if variant.startswith("qlora-w4") else "smollm2-135m")  # the 4-bit model as saved, not compressed here
     tok = model.llmpress_tokenizer
     tokens = lp.data.calibration("wiki", n_samples=max(steps * bs, 8), seqlen=seqlen, seed=1).tokens(tok)
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    cfg = RecoverConfig(steps=steps, lr=1e-4, batch_size=bs, kd="none", ce_weight=1.0, warmup=1)
-    if variant in ("lora-fp32", "qlora-w4"):
+    cfg = RecoverConfig(steps=steps, lr=1e-4, batch_size=bs, kd="none", ce_weight=1.0, warmup=1,
+                        loss_chunk=0 if variant.endswith("whole-logits") else 128)
+    if variant in ("lora-fp32", "qlora-w4", "lora-fp32-whole-logits", "qlora-w4-whole-logits"):
         add_lora(model, r=rank, alpha=2 * rank)
         rep = recover(model, tokens, None, cfg, progress=False)
         secs, losses = rep.seconds, rep.losses
@@ -87,7 +89,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "llmpress.cli", "compress", "smollm2-135m", "-r", "w4a16-rtn", "-g", "64",
                     "-o", str(ckpt)], check=True, capture_output=True)
     rows = []
-    for v in ("peft-lora-fp32", "lora-fp32", "qlora-w4"):
+    for v in ("peft-lora-fp32", "lora-fp32-whole-logits", "lora-fp32", "qlora-w4-whole-logits", "qlora-w4"):
         r = subprocess.run([sys.executable, __file__, "--child", v, "--steps", str(a.steps), "--batch-size",
                             str(a.batch_size), "--seqlen", str(a.seqlen), "--rank", str(a.rank), "--ckpt", str(ckpt)],
                            capture_output=True, text=True)

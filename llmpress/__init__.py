@@ -27,7 +27,8 @@ __all__ = [
     "Recipe", "RecipeError", "CompressionReport", "EvalResult", "UnsupportedModelError",
 ]
 
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+log = logging.getLogger(__name__)
+log.addHandler(logging.NullHandler())
 
 
 def compress(
@@ -61,9 +62,37 @@ def compress(
             tokens = calib.tokens(tok)
         else:
             tokens = calib
+    teacher = None
+    if r.recover is not None:  # the model as it is now teaches the compressed one afterwards
+        import copy
+
+        teacher = copy.deepcopy(model)
     report = calibrate.run(model, r, tokens, device=device, batch_size=batch_size, progress=progress)
+    if r.recover is not None:
+        tok = tokenizer or getattr(model, "llmpress_tokenizer", None)
+        report.recovery = _recover_step(model, teacher, r.recover, tok, progress)
+        del teacher
     model.llmpress_recipe = r
     return report
+
+
+def _recover_step(model: nn.Module, teacher: nn.Module, st, tokenizer, progress: bool) -> dict:
+    """Run a recipe's ``recover`` step: distil ``teacher`` into the compressed ``model``."""
+    from llmpress.recover import add_qat, export_qat, recover
+
+    if tokenizer is None:
+        raise ValueError("the recover step trains on text: pass tokenizer= or load the model with llmpress.load")
+    train = data.calibration(st.data, st.samples(), st.seqlen, seed=st.seed + 1).tokens(tokenizer)
+    if st.train == "qat":
+        add_qat(model, learn_scales=st.learn_scales, learn_weights=st.learn_weights)
+    rep = recover(model, train, teacher, st.config(), progress=progress)
+    out = {"step": st.describe(), "steps": rep.steps, "first_loss": rep.losses[0], "last_loss": rep.losses[-1],
+           "seconds": rep.seconds, "tokens_per_s": rep.tokens_per_s, "train_sequences": int(train.shape[0])}
+    if st.train == "qat":
+        out["qat"] = export_qat(model)
+    log.info("recovery: loss %.4f -> %.4f in %d steps (%.0f s)", out["first_loss"], out["last_loss"], rep.steps,
+             rep.seconds)
+    return out
 
 
 def export(model: nn.Module, out: str | os.PathLike, format: str = "gguf:q8_0", *, overwrite: bool = False,

@@ -537,6 +537,7 @@ class CompressionReport:
     device: str = "cpu"
     structure: list[dict] = field(default_factory=list)  # model-level edits (blocks removed)
     phases: dict[str, float] = field(default_factory=dict)  # seconds by phase (streaming)
+    recovery: dict | None = None  # what a recipe's recover step did
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   llmpress export out/w4 --format onnx:int4 -o out/w4-onnx   # onnxruntime, KV cache, GPTQ integers kept
   llmpress info smollm2-135m
   llmpress recover out/w4 --base smollm2-135m -o out/w4-adapter --steps 200 --eval
+  llmpress recover out/w3 --base smollm2-135m --method qat --learn-scales --lr 1e-4 -o out/w3-qat --eval
+  llmpress recover out/drop25 --base smollm2-135m --method full --hidden-weight 1 --lr 5e-5 -o out/drop25-kd
   llmpress generate out/w4 -p "The capital of France is" -n 32
   llmpress bench-speed out/w4 --device cuda --baseline
 
@@ -143,14 +145,31 @@ def _parser() -> argparse.ArgumentParser:
     bs.add_argument("--json", help="write results as JSON to this file")
     _runtime_args(bs)
 
-    rc = sub.add_parser("recover", help="LoRA / QLoRA recovery of a compressed model by distillation from the original",
+    rc = sub.add_parser("recover", help="recover a compressed model by distillation from the original: LoRA / QLoRA, "
+                        "quantization-aware training, or full training of a smaller student",
                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    rc.add_argument("model", help="the compressed model (stays frozen; adapters are trained on top)")
+    rc.add_argument("model", help="the compressed model")
     rc.add_argument("--base", required=True, help="the original model: the teacher")
-    rc.add_argument("-o", "--output", required=True, help="adapter directory (PEFT layout), or the merged model with --merge")
-    rc.add_argument("--merge", action="store_true", help="merge the adapters into dense weights and save the model")
+    rc.add_argument("-o", "--output", required=True, help="adapter directory (PEFT layout; lora), or the model "
+                    "(lora --merge, qat: the integer model, full)")
+    rc.add_argument("--method", default="lora", choices=["lora", "qat", "full"],
+                    help="lora: adapters on the frozen model (QLoRA on quantized weights); qat: fine-tune the "
+                    "quantized weights through their grid (straight-through) and save the integer model; full: "
+                    "train every weight (a dense student, e.g. after drop_blocks / shrink)")
+    rc.add_argument("--merge", action="store_true", help="lora: merge the adapters into dense weights and save the model")
+    rc.add_argument("--requant", action="store_true", help="lora --merge: re-compress the merged model with the "
+                    "recipe it was compressed with (llmpress_recipe.json); --eval reports what that costs")
+    rc.add_argument("--learn-scales", action="store_true", help="qat: train the scales too")
+    rc.add_argument("--scales-only", action="store_true", help="qat: train the scales alone, the integers fixed")
+    rc.add_argument("--scale-lr-ratio", type=float, default=0.3, help="qat: learning rate of the scales / --lr")
+    rc.add_argument("--hidden-weight", type=float, default=0.0, help="add hidden-state matching (normalised MSE "
+                    "per block; a block-pruned student is matched to the teacher blocks it kept) with this weight")
+    rc.add_argument("--teacher-cache", help="directory of the teacher's cached top-k logits: built there first "
+                    "(teacher loaded only for that) or reused when it exists")
+    rc.add_argument("--topk", type=int, default=64, help="logits per token kept in --teacher-cache (default 64)")
     rc.add_argument("--steps", type=int, default=100)
-    rc.add_argument("--lr", type=float, default=1e-3)
+    rc.add_argument("--lr", type=float, help="learning rate (default: lora 1e-3; qat 1e-2, in grid steps per "
+                    "step for the integers and relative change for the scales; full 5e-5)")
     rc.add_argument("--rank", type=int, default=16)
     rc.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")
     rc.add_argument("--targets", help="comma-separated linear names to adapt (default: every linear in the blocks)")
@@ -350,6 +369,10 @@ def _compress(a: argparse.Namespace) -> dict:
                  "intermediate size": s.get("intermediate_size"), "heads (q, kv)": s.get("heads"),
                  "kv heads": s.get("kv_heads_after"), "block sparsity": s.get("block_sparsity")}
         print(f"{s['step']}: " + ", ".join(f"{k} {v}" for k, v in shown.items() if v is not None))
+    if rep.recovery:
+        rv = rep.recovery
+        print(f"{rv['step']}: loss {rv['first_loss']:.4f} -> {rv['last_loss']:.4f} in {rv['seconds']:.0f} s"
+              + (f", {rv['qat']['integers_moved']:.2%} of the integers moved" if "qat" in rv else ""))
     lp.save(model, out, overwrite=a.overwrite)
     log.info("compressed %d layers in %.1f s (peak RSS %.0f MB) -> %s", len(rep.layers), rep.seconds, rep.peak_rss_mb, out)
     result = {"recipe": r.to_dict(), "output": str(out), "compression": rep.to_dict(), "prediction": pred.to_dict()}
@@ -426,16 +449,27 @@ def _calib_chars(src: str) -> int | None:
 def _recover(a: argparse.Namespace) -> dict:
     import llmpress as lp
     from llmpress.data import tokenize
-    from llmpress.recover import RecoverConfig, add_lora, merge_lora, recover, save_adapter
+    from llmpress.recover import (
+        RecoverConfig, TeacherCache, add_lora, add_qat, cache_teacher, export_qat, merge_lora, recover, save_adapter,
+    )
 
     out = Path(a.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.overwrite:
         raise FileExistsError(f"output {out} exists and is not empty; pass --overwrite to replace it")
-    cfg = RecoverConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum, kd=a.kd,
+    if (a.merge or a.requant) and a.method != "lora":
+        raise ValueError("--merge / --requant apply to --method lora (qat and full always save the model)")
+    recipe_f = Path(a.model) / "llmpress_recipe.json"
+    if a.requant and not (a.merge and recipe_f.is_file()):
+        raise ValueError(f"--requant needs --merge and the recipe the model was compressed with ({recipe_f} not found)"
+                         if a.merge else "--requant needs --merge")
+    lr = a.lr if a.lr is not None else {"lora": 1e-3, "qat": 1e-2, "full": 5e-5}[a.method]
+    cfg = RecoverConfig(steps=a.steps, lr=lr, batch_size=a.batch_size, grad_accum=a.grad_accum, kd=a.kd,
                         temperature=a.temperature, ce_weight=a.ce_weight, save_every=a.save_every,
-                        warmup=max(a.steps // 10, 1))
+                        warmup=max(a.steps // 10, 1), train=a.method, scale_lr_ratio=a.scale_lr_ratio,
+                        hidden_weight=a.hidden_weight)
+    if a.teacher_cache and a.hidden_weight:
+        raise ValueError("--hidden-weight needs the live teacher; drop --teacher-cache")
     model = lp.load(a.model, trust_remote_code=a.trust_remote_code)
-    base = lp.load(a.base, trust_remote_code=a.trust_remote_code)
     tok = model.llmpress_tokenizer
     mask = None
     if a.data.endswith(".jsonl"):
@@ -449,26 +483,55 @@ def _recover(a: argparse.Namespace) -> dict:
     n = tokens.shape[0]
     if n < a.batch_size:
         raise ValueError(f"{a.data}: {n} sequences of {a.seqlen} tokens; need at least --batch-size ({a.batch_size})")
-    result: dict = {"config": cfg.__dict__, "train_sequences": n}
+    cdir = Path(a.teacher_cache) if a.teacher_cache and a.kd != "none" else None
+    live = (a.kd != "none" and cdir is None) or a.hidden_weight > 0
+    build = cdir is not None and not (cdir / "cache.json").exists()
+    base = lp.load(a.base, trust_remote_code=a.trust_remote_code) if (live or build or a.eval) else None
+    teacher = base if live else None
+    if cdir is not None:
+        if build:
+            cache_teacher(base, tokens, cdir, k=a.topk, temperature=a.temperature, overwrite=True)
+        teacher = TeacherCache(cdir)
+        if not a.eval:
+            base = None  # training needs only the cache
+    result: dict = {"config": cfg.__dict__, "method": a.method, "train_sequences": n}
     if a.eval:
         result["before"] = lp.evaluate(model, base, n_windows=a.n_windows).to_dict()
-    add_lora(model, r=a.rank, alpha=a.alpha or 2.0 * a.rank, targets=a.targets.split(",") if a.targets else None)
-    rep = recover(model, tokens, base if a.kd != "none" else None, cfg, checkpoint_dir=a.checkpoint, loss_mask=mask)
+    if a.method == "lora":
+        add_lora(model, r=a.rank, alpha=a.alpha or 2.0 * a.rank, targets=a.targets.split(",") if a.targets else None)
+    elif a.method == "qat":
+        add_qat(model, learn_scales=a.learn_scales or a.scales_only, learn_weights=not a.scales_only)
+    rep = recover(model, tokens, teacher, cfg, checkpoint_dir=a.checkpoint, loss_mask=mask)
     result.update(steps=rep.steps, first_loss=rep.losses[0] if rep.losses else None,
                   last_loss=rep.losses[-1] if rep.losses else None, seconds=rep.seconds,
                   tokens_per_s=rep.tokens_per_s, peak_rss_mb=rep.peak_rss_mb, resumed_from=rep.resumed_from)
+    if a.method == "qat":
+        result["qat"] = export_qat(model)  # the integer model is what gets evaluated and saved
     if a.eval:
         result["after"] = lp.evaluate(model, base, n_windows=a.n_windows).to_dict()
-    if a.merge:
-        merge_lora(model)
-        lp.save(model, out, overwrite=a.overwrite)
-    else:
+    if a.method == "lora" and not a.merge:
         save_adapter(model, out, base_model=a.base, overwrite=a.overwrite)
-    print(f"recovered {rep.steps} steps in {rep.seconds:.0f} s ({rep.tokens_per_s:.0f} tok/s), loss "
+    else:
+        if a.merge:
+            merge_lora(model)
+        if a.requant:
+            from llmpress.recipe import Recipe
+
+            lp.compress(model, Recipe.from_dict(json.loads(recipe_f.read_text())), progress=True)
+            if a.eval:
+                result["after_requant"] = lp.evaluate(model, base, n_windows=a.n_windows).to_dict()
+        lp.save(model, out, overwrite=a.overwrite)
+    print(f"recovered ({a.method}) {rep.steps} steps in {rep.seconds:.0f} s ({rep.tokens_per_s:.0f} tok/s), loss "
           f"{result['first_loss']:.4f} -> {result['last_loss']:.4f}; wrote {out}")
+    if "qat" in result:
+        print(f"QAT: {result['qat']['integers_moved']:.2%} of the integers moved, scales changed "
+              f"{result['qat']['scale_change']:.2%} on average")
     if a.eval:
         b, f = result["before"], result["after"]
         print(f"ppl {b['ppl']:.3f} -> {f['ppl']:.3f}, KL {b['kl']:.4f} -> {f['kl']:.4f}")
+        if "after_requant" in result:
+            r = result["after_requant"]
+            print(f"merged and re-compressed: ppl {r['ppl']:.3f}, KL {r['kl']:.4f}")
     return result
 
 

@@ -400,6 +400,73 @@ class ShrinkStep:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class RecoverStep:
+    """Recovery after the compression steps (the last step of a recipe): knowledge distillation
+    from the model as it was before compression, on ``n_samples`` sequences of ``seqlen`` tokens
+    of ``data`` (a corpus name: its calibration split; or a text file). ``train: qat`` fine-tunes
+    the quantized weights through their grid (``learn_scales``: the scales too) and leaves an
+    integer model; ``train: full`` trains every weight of a dense student (after drop_blocks /
+    shrink / pruning). LoRA adapters live outside the checkpoint: use ``llmpress recover`` for them."""
+
+    method: str = "recover"
+    train: str = "qat"
+    steps: int = 100
+    lr: float | None = None  # qat 1e-2 (grid steps / relative scale change per step), full 5e-5
+    batch_size: int = 2
+    grad_accum: int = 1
+    seqlen: int = 256
+    n_samples: int | None = None
+    data: str = "wiki"
+    kd: str = "forward"
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    hidden_weight: float = 0.0
+    learn_scales: bool = True
+    learn_weights: bool = True
+    scale_lr_ratio: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method != "recover":
+            raise RecipeError(f"method={self.method!r} is not allowed here; use 'recover'")
+        if self.train not in ("qat", "full"):
+            raise RecipeError(f"recover: train={self.train!r} is not allowed; allowed: 'qat', 'full' (LoRA adapters "
+                              "are kept outside the checkpoint: use `llmpress recover` for LoRA / QLoRA)")
+        for k in ("steps", "batch_size", "grad_accum", "seqlen"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RecipeError(f"recover: {k}={v!r} must be a positive integer")
+        if self.n_samples is not None and (not isinstance(self.n_samples, int) or self.n_samples < self.batch_size):
+            raise RecipeError(f"recover: n_samples={self.n_samples!r} must be an integer >= batch_size")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise RecipeError(f"recover: lr={self.lr!r} must be a positive number")
+        if self.train == "qat" and not (self.learn_weights or self.learn_scales):
+            raise RecipeError("recover: qat needs learn_weights or learn_scales")
+        try:
+            self.config()
+        except ValueError as e:
+            raise RecipeError(f"recover: {e}") from None
+
+    def samples(self) -> int:
+        return self.n_samples or max(self.steps * self.batch_size * self.grad_accum // 2, 64)
+
+    def config(self):
+        from llmpress.recover.train import RecoverConfig
+
+        lr = self.lr if self.lr is not None else {"qat": 1e-2, "full": 5e-5}[self.train]
+        return RecoverConfig(steps=self.steps, lr=float(lr), batch_size=self.batch_size, grad_accum=self.grad_accum,
+                             temperature=self.temperature, kd=self.kd, ce_weight=self.ce_weight, train=self.train,
+                             hidden_weight=self.hidden_weight, warmup=max(self.steps // 10, 1), seed=self.seed,
+                             scale_lr_ratio=self.scale_lr_ratio)
+
+    def describe(self) -> str:
+        return f"recover ({self.train}, {self.steps} steps, KD {self.kd})"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 MODEL_STEPS = (DropBlocksStep, ShrinkStep)
 Step = QuantStep | PruneStep | LowRankStep
 
@@ -408,10 +475,12 @@ Step = QuantStep | PruneStep | LowRankStep
 class Recipe:
     steps: tuple[Step | DropBlocksStep | ShrinkStep, ...]
     name: str = "custom"
+    recover: RecoverStep | None = None  # a recipe's last step, kept apart: it runs after the others
 
     def __post_init__(self) -> None:
         if not self.steps:
-            raise RecipeError("a recipe needs at least one step")
+            raise RecipeError("a recipe needs at least one compression step"
+                              + (" before 'recover'" if self.recover is not None else ""))
         kinds = [isinstance(s, (DropBlocksStep, ShrinkStep)) for s in self.steps]
         if any(kinds) and kinds != sorted(kinds, reverse=True):
             raise RecipeError("drop_blocks / shrink steps change the model's shape: put them before the per-layer steps")
@@ -427,7 +496,8 @@ class Recipe:
         return any(calib(s.to_dict()) or any(calib(o) for o in getattr(s, "overrides", ())) for s in self.steps)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "steps": [s.to_dict() for s in self.steps]}
+        rec = [self.recover.to_dict()] if self.recover is not None else []
+        return {"name": self.name, "steps": [s.to_dict() for s in self.steps] + rec}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -442,9 +512,22 @@ class Recipe:
         if extra:
             raise RecipeError(f"unknown top-level recipe field(s) {sorted(extra)}; allowed: ['name', 'steps']")
         steps = []
-        for i, s in enumerate(d["steps"] or []):
+        rec = None
+        raw = list(d["steps"] or [])
+        for i, s in enumerate(raw):
             if not isinstance(s, dict):
                 raise RecipeError(f"step {i} must be a mapping, got {s!r}")
+            if s.get("method") == "recover":
+                if i != len(raw) - 1:
+                    raise RecipeError(f"step {i}: 'recover' must be the last step (it trains the compressed model)")
+                extra = set(s) - _fields(RecoverStep)
+                if extra:
+                    raise RecipeError(f"step {i}: unknown field(s) {sorted(extra)}; allowed: {sorted(_fields(RecoverStep))}")
+                try:
+                    rec = RecoverStep(**s)
+                except (RecipeError, TypeError) as e:
+                    raise RecipeError(f"step {i}: {e}") from None
+                continue
             cls_ = (PruneStep if s.get("method") in PRUNE_METHODS
                     else LowRankStep if s.get("method") in LOWRANK_METHODS
                     else DropBlocksStep if s.get("method") == "drop_blocks"
@@ -456,7 +539,7 @@ class Recipe:
                 steps.append(cls_(**s))
             except RecipeError as e:
                 raise RecipeError(f"step {i}: {e}") from None
-        return cls(tuple(steps), str(d.get("name", name)))
+        return cls(tuple(steps), str(d.get("name", name)), rec)
 
 
 PRESETS: dict[str, dict | list[dict]] = {
@@ -547,4 +630,4 @@ def _with_overrides(r: Recipe, overrides: dict[str, Any], preset: bool = False) 
             raise RecipeError(f"{r.name}: {e}") from None
     gs = kw.get("group_size")
     suffix = f"-g{gs}" if preset and gs not in (None, -1, 128) else ""
-    return Recipe(tuple(steps), r.name + suffix)
+    return Recipe(tuple(steps), r.name + suffix, r.recover)

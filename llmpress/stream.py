@@ -208,6 +208,9 @@ def compress_streaming(
     if not src.is_dir() or not (src / "config.json").exists():
         raise FileNotFoundError(f"{src}: streaming reads a Hugging Face checkpoint directory (config.json + "
                                 "*.safetensors); load other sources with llmpress.load")
+    if recipe.recover is not None:
+        raise RecipeError("a recover step trains the whole model; run it without --stream "
+                          "(or compress with --stream, then `llmpress recover` the result)")
     bad = [s for s in recipe.steps if isinstance(s, (*MODEL_STEPS, LowRankStep)) or getattr(s, "owl", False)]
     if bad:
         raise RecipeError(f"streaming compresses layer by layer; {bad[0].describe()} changes the model's "

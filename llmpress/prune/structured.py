@@ -138,6 +138,9 @@ def drop_blocks(model: nn.Module, indices: list[int]) -> None:
         v = getattr(cfg, attr, None)
         if isinstance(v, (list, tuple)) and len(v) == n:
             setattr(cfg, attr, [v[i] for i in kept])
+    prev = getattr(cfg, "llmpress_kept_blocks", None)  # original indices, across repeated removals
+    orig = list(prev) if isinstance(prev, (list, tuple)) and len(prev) == n else list(range(n))
+    cfg.llmpress_kept_blocks = [orig[i] for i in kept]  # lets distillation match hidden states
     log.info("removed blocks %s; %d blocks remain", drop, len(kept))
 
 

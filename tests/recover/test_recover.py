@@ -241,3 +241,68 @@ def test_masked_training_ignores_prompt_tokens():
     rep = recover(student, tokens, teacher, RecoverConfig(steps=3, batch_size=4, lr=1e-2), loss_mask=mask, progress=False)
     assert all(l == 0 for l in rep.losses)
     assert all(float(p.abs().sum()) == 0 for n, p in student.named_parameters() if "lora_B" in n)
+
+
+def test_cli_recover_qat_full_cache_and_requant(tmp_path, tiny_dir, text_file, capsys):
+    import json
+
+    import llmpress as lp
+    from llmpress.cli import main
+
+    comp = tmp_path / "w3"
+    assert main(["compress", str(tiny_dir), "-r", "w3a16-rtn", "-g", "32", "-o", str(comp)]) == 0
+    common = ["--base", str(tiny_dir), "--steps", "3", "--seqlen", "32", "--batch-size", "2", "--data", str(text_file)]
+    q = tmp_path / "qat"
+    j = tmp_path / "q.json"
+    assert main(["recover", str(comp), *common, "--method", "qat", "--learn-scales", "-o", str(q),
+                 "--teacher-cache", str(tmp_path / "cache"), "--topk", "16", "--json", str(j)]) == 0
+    assert (tmp_path / "cache" / "cache.json").exists()
+    r = json.loads(j.read_text())
+    assert r["steps"] == 3 and 0 <= r["qat"]["integers_moved"] <= 1
+    back = lp.load(q)  # the integer model, as a compressed-tensors checkpoint
+    assert sum(isinstance(m, QuantLinear) for m in back.modules()) == 14
+    # the cache is reused (same tokens, same temperature); another temperature is refused
+    assert main(["recover", str(comp), *common, "--method", "qat", "-o", str(tmp_path / "q2"),
+                 "--teacher-cache", str(tmp_path / "cache")]) == 0
+    assert main(["recover", str(comp), *common, "--method", "qat", "-o", str(tmp_path / "q3"),
+                 "--teacher-cache", str(tmp_path / "cache"), "--temperature", "2"]) == 2
+    assert "temperature" in capsys.readouterr().err
+    full = tmp_path / "full"
+    assert main(["recover", str(tiny_dir), *common, "--method", "full", "--hidden-weight", "1", "-o", str(full)]) == 0
+    assert lp.load(full)(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    assert main(["recover", str(comp), *common, "--method", "qat", "--merge", "-o", str(tmp_path / "x")]) == 2
+    assert "--merge" in capsys.readouterr().err
+    rq = tmp_path / "requant"
+    assert main(["recover", str(comp), *common, "--merge", "--requant", "-o", str(rq), "--json", str(j)]) == 0
+    assert sum(isinstance(m, QuantLinear) for m in lp.load(rq).modules()) == 14  # re-compressed, not dense
+
+
+def test_qlora_through_a_kernel_gets_input_gradients():
+    """bf16 on the CPU runs int4 / int8 layers through PyTorch's packed kernels, which have no
+    derivative: the input gradient must still flow (and equal the reference path's), so QLoRA
+    trains there (and on the GPU through the Triton kernels)."""
+    from llmpress import kernels
+    from llmpress.quant.primitives import QuantScheme
+    from llmpress.quant.rtn import rtn
+
+    torch.manual_seed(0)
+    for sch in (QuantScheme(4, True, "group", 32), QuantScheme(8, True, "channel")):
+        ql = QuantLinear(rtn(torch.randn(64, 128), sch))
+        x = torch.randn(3, 5, 128, dtype=torch.bfloat16, requires_grad=True)
+        y = ql(x)
+        assert y.grad_fn is not None and "GradX" in type(y.grad_fn).__name__  # the kernel ran
+        c = torch.randn(3, 5, 64)  # a linear loss: the gradient is c W whatever y's rounding
+        (y.float() * c).sum().backward()
+        with kernels.forced("reference"):
+            x2 = x.detach().clone().requires_grad_()
+            (ql(x2).float() * c).sum().backward()
+        torch.testing.assert_close(x.grad.float(), x2.grad.float(), rtol=3e-2, atol=3e-2)
+    teacher = tiny_model("llama", seed=0)
+    student = copy.deepcopy(teacher)
+    _quantize_w3(student)
+    student.to(torch.bfloat16)
+    add_lora(student, r=4, alpha=8)
+    rep = recover(student, correlated_tokens(8, 32, seed=1), None,
+                  RecoverConfig(steps=3, lr=1e-3, batch_size=4, kd="none", ce_weight=1.0, warmup=1), progress=False)
+    assert len(rep.losses) == 3 and all(torch.isfinite(torch.tensor(rep.losses)))
+    assert any(float(m.lora_B.weight.abs().sum()) > 0 for m in student.modules() if isinstance(m, LoRALinear))
