@@ -166,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
                     "per block; a block-pruned student is matched to the teacher blocks it kept) with this weight")
     rc.add_argument("--teacher-cache", help="directory of the teacher's cached top-k logits: built there first "
                     "(teacher loaded only for that) or reused when it exists")
+    rc.add_argument("--device", default="cpu", help="train here (cuda: the model and teacher in bf16; QLoRA keeps "
+                    "only the packed codes on the GPU)")
     rc.add_argument("--topk", type=int, default=64, help="logits per token kept in --teacher-cache (default 64)")
     rc.add_argument("--steps", type=int, default=100)
     rc.add_argument("--lr", type=float, help="learning rate (default: lora 1e-3; qat 1e-2, in grid steps per "
@@ -494,7 +496,18 @@ def _recover(a: argparse.Namespace) -> dict:
         teacher = TeacherCache(cdir)
         if not a.eval:
             base = None  # training needs only the cache
-    result: dict = {"config": cfg.__dict__, "method": a.method, "train_sequences": n}
+    if a.device != "cpu":
+        import torch
+
+        from llmpress.kernels import prepack
+
+        half = torch.bfloat16 if a.device.startswith("cuda") else None
+        for m in (model, base):
+            if m is not None:
+                m.to(a.device, dtype=half)
+        if half and a.method == "lora":
+            prepack(model, half, offload_codes=True)
+    result: dict = {"config": cfg.__dict__, "method": a.method, "device": a.device, "train_sequences": n}
     if a.eval:
         result["before"] = lp.evaluate(model, base, n_windows=a.n_windows).to_dict()
     if a.method == "lora":
@@ -509,6 +522,7 @@ def _recover(a: argparse.Namespace) -> dict:
         result["qat"] = export_qat(model)  # the integer model is what gets evaluated and saved
     if a.eval:
         result["after"] = lp.evaluate(model, base, n_windows=a.n_windows).to_dict()
+    model.to("cpu")
     if a.method == "lora" and not a.merge:
         save_adapter(model, out, base_model=a.base, overwrite=a.overwrite)
     else:
