@@ -20,7 +20,7 @@ EXAMPLES = """examples:
   llmpress export out/w4 --format onnx:int4 -o out/w4-onnx   # onnxruntime, KV cache, GPTQ integers kept
   llmpress info smollm2-135m
   llmpress recover out/w4 --base smollm2-135m -o out/w4-adapter --steps 200 --eval
-  llmpress recover out/w3 --base smollm2-135m --method qat --learn-scales --lr 1e-4 -o out/w3-qat --eval
+  llmpress recover out/w3 --base smollm2-135m --method qat --learn-scales -o out/w3-qat --eval
   llmpress recover out/drop25 --base smollm2-135m --method full --hidden-weight 1 --lr 5e-5 -o out/drop25-kd
   llmpress generate out/w4 -p "The capital of France is" -n 32
   llmpress bench-speed out/w4 --device cuda --baseline
@@ -454,6 +454,7 @@ def _recover(a: argparse.Namespace) -> dict:
     from llmpress.recover import (
         RecoverConfig, TeacherCache, add_lora, add_qat, cache_teacher, export_qat, merge_lora, recover, save_adapter,
     )
+    from llmpress.recover.train import DEFAULT_LR
 
     out = Path(a.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.overwrite:
@@ -464,7 +465,7 @@ def _recover(a: argparse.Namespace) -> dict:
     if a.requant and not (a.merge and recipe_f.is_file()):
         raise ValueError(f"--requant needs --merge and the recipe the model was compressed with ({recipe_f} not found)"
                          if a.merge else "--requant needs --merge")
-    lr = a.lr if a.lr is not None else {"lora": 1e-3, "qat": 1e-2, "full": 5e-5}[a.method]
+    lr = a.lr if a.lr is not None else DEFAULT_LR[a.method]
     cfg = RecoverConfig(steps=a.steps, lr=lr, batch_size=a.batch_size, grad_accum=a.grad_accum, kd=a.kd,
                         temperature=a.temperature, ce_weight=a.ce_weight, save_every=a.save_every,
                         warmup=max(a.steps // 10, 1), train=a.method, scale_lr_ratio=a.scale_lr_ratio,

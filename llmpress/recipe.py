@@ -452,9 +452,9 @@ class RecoverStep:
         return self.n_samples or max(self.steps * self.batch_size * self.grad_accum // 2, 64)
 
     def config(self):
-        from llmpress.recover.train import RecoverConfig
+        from llmpress.recover.train import DEFAULT_LR, RecoverConfig
 
-        lr = self.lr if self.lr is not None else {"qat": 1e-2, "full": 5e-5}[self.train]
+        lr = self.lr if self.lr is not None else DEFAULT_LR[self.train]
         return RecoverConfig(steps=self.steps, lr=float(lr), batch_size=self.batch_size, grad_accum=self.grad_accum,
                              temperature=self.temperature, kd=self.kd, ce_weight=self.ce_weight, train=self.train,
                              hidden_weight=self.hidden_weight, warmup=max(self.steps // 10, 1), seed=self.seed,

@@ -54,9 +54,15 @@ def kd_loss_topk(student: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, l
         kl = (ls_k.exp() * (ls_k - lq_k)).sum(-1) + ls_r.exp() * (ls_r - lq_r)
     else:
         raise ValueError(f"mode={mode!r}")
-    from llmpress.recover.train import _reduce
-
     return _reduce(kl, mask, reduction) * t * t
+
+
+def _reduce(v: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if mask is not None:
+        v = v * mask
+    if reduction == "sum":
+        return v.sum()
+    return v.sum() / (mask.sum().clamp(min=1) if mask is not None else v.numel())
 
 
 class TeacherCache:

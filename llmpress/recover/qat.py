@@ -7,9 +7,9 @@ model, e.g. GPTQ's solution), the log of its scales and its integer zero points.
 rounds the weight onto the grid with a straight-through estimator (the rounding is the identity
 in the backward pass; the clamp to the grid's range is not, so weights pushed past the range stop
 receiving gradient), as in Bengio et al. 2013 / Jacob et al. 2018. With ``learn_scales`` the
-scales are trained too (as in LSQ, Esser et al. 2020, and EfficientQAT, Chen et al. 2024). :func:`export_qat` rounds the trained
-weights onto the trained grid and puts ordinary QuantLinear layers back, so the result saves as
-the same compressed-tensors checkpoint as the starting model.
+scales are trained too (as in LSQ, Esser et al. 2020, and EfficientQAT, Chen et al. 2024).
+:func:`export_qat` rounds the trained weights onto the trained grid and puts ordinary QuantLinear
+layers back, so the result saves as the same compressed-tensors checkpoint as the starting model.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class QATLinear(nn.Module):
             raise ValueError("QAT needs positive scales (a zero scale cannot be trained in log space)")
         q = ql.qdata.detach().float()
         if ql.zero is not None:
-            q = _ungrouped(_grouped(q, sch) - _per_group(ql.zero, _grouped(q, sch)), q.shape, sch)
+            g = _grouped(q, sch)
+            q = _ungrouped(g - _per_group(ql.zero, g), q.shape, sch)
         self.u = nn.Parameter(q, requires_grad=False)  # grid units: integers minus zero point
         self.log_scale = nn.Parameter(s.log(), requires_grad=False)
         self.learn_scales, self.learn_weights = learn_scales, learn_weights

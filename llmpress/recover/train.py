@@ -28,13 +28,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llmpress.recover.cache import TeacherCache, kd_loss_topk
+from llmpress.recover.cache import TeacherCache, _reduce, kd_loss_topk
 from llmpress.recover.lora import lora_modules
 from llmpress.recover.qat import qat_modules
 
 log = logging.getLogger(__name__)
 KD_MODES = ("forward", "reverse", "none")
 TRAIN_MODES = ("auto", "lora", "qat", "full")
+# default learning rates: LoRA adapters; QAT (grid steps per step for the integers, relative change
+# for the log-scales before scale_lr_ratio); every weight of a dense student
+DEFAULT_LR = {"lora": 1e-3, "qat": 1e-2, "full": 5e-5}
 
 
 @dataclass
@@ -96,14 +99,6 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float = 1.0, mode: 
     else:
         kl = (s.exp() * (s - q)).sum(-1)
     return _reduce(kl, mask, reduction) * t * t
-
-
-def _reduce(v: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    if mask is not None:
-        v = v * mask
-    if reduction == "sum":
-        return v.sum()
-    return v.sum() / (mask.sum().clamp(min=1) if mask is not None else v.numel())
 
 
 def _rows(n: int, step: int, micro: int, cfg: RecoverConfig) -> torch.Tensor:
