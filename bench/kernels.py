@@ -110,9 +110,9 @@ def check(dev, n_cases: int = 40, seed: int = 0) -> list[dict]:
         x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
         b = torch.randn(n, generator=g).to(dev, torch.bfloat16) if i % 2 else None
         ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32).to(dev), None if b is None else b.float())
-        from llmpress.kernels.triton_wa16 import _CONFIGS, _GEMV_CONFIGS, _GEMV_DEFER
+        from llmpress.kernels.triton_wa16 import _CONFIGS, _GEMV_CONFIGS, _slices
 
-        gemv_all = _GEMV_CONFIGS + [c + (True,) for c in _GEMV_DEFER]
+        gemv_all = [c for c in _GEMV_CONFIGS if _slices(p.bits, p.group_size, p.k, c[1])]
 
         fixed = i % 4 != 0  # fixed configurations (each must be right), and the autotuned choice
         gcfg = gemv_all[i % len(gemv_all)] if fixed and m == 1 and i % 2 else None

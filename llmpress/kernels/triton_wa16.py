@@ -1,8 +1,8 @@
 """Triton kernel for weight-only quantized matmuls (W2/W3/W4/W8 A16 and NF4/FP4): y = x Wᵀ + b
 with W in :class:`~llmpress.kernels.layout.PackedWeight`'s layout, dequantized in registers.
 
-One row (decode at batch 1) goes to a GEMV kernel (``_gemv_kernel``, below); more rows to a
-tensor-core kernel for decode batches and prefill. Each of its programs computes a [BLOCK_M, BLOCK_N] tile of y over
+One row (decode at batch 1) goes to a GEMV kernel (``_gemv_kernel``, below: CUDA cores, no
+code-to-value table for integers); more rows to a tensor-core kernel for decode batches and prefill. Each of its programs computes a [BLOCK_M, BLOCK_N] tile of y over
 a share of K: per step it reads BLOCK_K / per_word packed words per column (one coalesced row of
 int32 across the tile's columns), unpacks them with shifts, applies the group's scale and zero
 point (or looks the code up in the code book) and multiplies on the tensor cores (``tl.dot``;
@@ -86,6 +86,7 @@ def _wa16_kernel(
     else:
         ws_ptr = WS + offs_m[:, None] * N + offs_n[None, :]
         tl.atomic_add(ws_ptr, acc, mask=o_mask)
+        tl.debug_barrier()  # every thread's partial sums are issued before the (one-thread) arrival below
         tile = pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(CNT + tile, 1)  # acq_rel: the partial sums above are visible first
         if arrived == SPLIT_K - 1:  # the last program of this tile writes the result
@@ -95,11 +96,107 @@ def _wa16_kernel(
             if HAS_BIAS:
                 total += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(o_ptr, total.to(O.dtype.element_ty), mask=o_mask)
+            tl.debug_barrier()
             tl.atomic_xchg(CNT + tile, 0)
 
 
 @triton.jit
 def _gemv_kernel(
+    X, QW, S, Z, LUT, B, O, WS, CNT,
+    N, K, KW, G, GS,
+    stride_qn, stride_sn,
+    BITS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr, SPLIT_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """M = 1 (decode), without reshapes: a step loads a [BLOCK_N, NG, WPG] tile of packed words
+    (each column's words are contiguous along K: 16-byte vector loads; NG slices of WPG words,
+    each slice inside one group). For each of the PER code positions j of a word it multiplies
+    the codes at j by x[k + j] (a strided load of x, from L1). Integer codes become floats by
+    OR-ing them into the mantissa of 2^23; subtracting 2^23 + zero gives u - z exactly, so a
+    code costs a shift, a LOP3, an FADD and an FFMA (an int-to-float conversion runs at a
+    quarter of that rate). The group scale is applied once per word after the PER positions
+    are summed, the reduction over the tile once at the end. With PREFETCH the next step's
+    words and group parameters load while this step computes."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    BLOCK_K: tl.constexpr = NG * WPG * PER
+    STEP: tl.constexpr = SPLIT_K * BLOCK_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rw = tl.arange(0, NG)[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [NG, WPG] words of a step
+    qrow = QW + offs_n[:, None, None] * stride_qn
+    srow = offs_n[:, None] * stride_sn
+    acc = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
+    k_first = pid_k * BLOCK_K
+    wi = k_first // PER + rw
+    p_nx = tl.load(qrow + wi[None, :, :], mask=n_ok[:, None, None] & (wi < KW)[None, :, :], other=0)
+    kg = (k_first + tl.arange(0, NG) * (WPG * PER)) // GS  # group of each slice
+    sm = n_ok[:, None] & (kg < G)[None, :]
+    s_nx = tl.load(S + srow + kg[None, :], mask=sm, other=0.0)
+    if HAS_LUT:
+        z_nx = s_nx
+    else:
+        z_nx = tl.load(Z + srow + kg[None, :], mask=sm, other=0.0)
+    for k0 in range(k_first, K, STEP):
+        p = p_nx
+        s = s_nx.to(tl.float32)
+        z = z_nx.to(tl.float32) + 8388608.0
+        if PREFETCH:
+            wi = (k0 + STEP) // PER + rw
+            p_nx = tl.load(qrow + wi[None, :, :], mask=n_ok[:, None, None] & (wi < KW)[None, :, :], other=0)
+            kg = (k0 + STEP + tl.arange(0, NG) * (WPG * PER)) // GS
+            sm = n_ok[:, None] & (kg < G)[None, :]
+            s_nx = tl.load(S + srow + kg[None, :], mask=sm, other=0.0)
+            if HAS_LUT:
+                z_nx = s_nx
+            else:
+                z_nx = tl.load(Z + srow + kg[None, :], mask=sm, other=0.0)
+        kx = k0 + rw * PER
+        t = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            xj = tl.load(X + kx + j, mask=(kx + j) < K, other=0.0).to(tl.float32)  # [NG, WPG]
+            u = (p >> (j * BITS)) & MASK
+            if HAS_LUT:
+                v = tl.load(LUT + u)
+            else:
+                v = (u | 0x4B000000).to(tl.float32, bitcast=True) - z[:, :, None]
+            t += v * xj[None, :, :]
+        acc += t * s[:, :, None]
+        if not PREFETCH:
+            wi = (k0 + STEP) // PER + rw
+            p_nx = tl.load(qrow + wi[None, :, :], mask=n_ok[:, None, None] & (wi < KW)[None, :, :], other=0)
+            kg = (k0 + STEP + tl.arange(0, NG) * (WPG * PER)) // GS
+            sm = n_ok[:, None] & (kg < G)[None, :]
+            s_nx = tl.load(S + srow + kg[None, :], mask=sm, other=0.0)
+            if HAS_LUT:
+                z_nx = s_nx
+            else:
+                z_nx = tl.load(Z + srow + kg[None, :], mask=sm, other=0.0)
+    acc1 = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc1 += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(O + offs_n, acc1.to(O.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(WS + offs_n, acc1, mask=n_ok)
+        tl.debug_barrier()  # every thread's partial sums are issued before the (one-thread) arrival below
+        arrived = tl.atomic_add(CNT + pid_n, 1)  # acq_rel at GPU scope: releases them to the last program
+        if arrived == SPLIT_K - 1:  # the last program of this column tile writes the result
+            zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            total = tl.atomic_add(WS + offs_n, zero, mask=n_ok)  # read at L2, where the atomics landed
+            tl.store(WS + offs_n, zero, mask=n_ok)  # and leave the workspace zeroed
+            if HAS_BIAS:
+                total += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(O + offs_n, total.to(O.dtype.element_ty), mask=n_ok)
+            tl.debug_barrier()
+            tl.atomic_xchg(CNT + pid_n, 0)
+
+
+@triton.jit
+def _gemv_lut_kernel(
     X, QW, S, Z, LUT, B, O, WS, CNT,
     N, K, GS,
     stride_qn, stride_sn,
@@ -107,8 +204,9 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GSB: tl.constexpr, SPLIT_K: tl.constexpr,
     DEFER: tl.constexpr = False,
 ):
-    """M = 1: each column's words are contiguous along K, so a thread reads vectors of one
-    column and reduces in-thread. The step's BLOCK_K codes split into NG = BLOCK_K / GSB slices
+    """M = 1 for code books (NF4 / FP4; integer codes take ``_gemv_kernel``, which measured
+    faster for them and slower for a table lookup): each column's words are contiguous along K,
+    so a thread reads vectors of one column and reduces in-thread. The step's BLOCK_K codes split into NG = BLOCK_K / GSB slices
     of one group each; integer codes are summed against x first and scaled once per slice:
     s * (Σ x·u − z · Σ x). With DEFER the scaled products accumulate element-wise and are
     reduced once at the end instead (no cross-thread reduction per step); the autotuner picks."""
@@ -158,6 +256,7 @@ def _gemv_kernel(
         tl.store(O + offs_n, acc.to(O.dtype.element_ty), mask=n_ok)
     else:
         tl.atomic_add(WS + offs_n, acc, mask=n_ok)
+        tl.debug_barrier()
         arrived = tl.atomic_add(CNT + pid_n, 1)  # acq_rel: the partial sums above are visible first
         if arrived == SPLIT_K - 1:
             zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -166,6 +265,7 @@ def _gemv_kernel(
             if HAS_BIAS:
                 total += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             tl.store(O + offs_n, total.to(O.dtype.element_ty), mask=n_ok)
+            tl.debug_barrier()
             tl.atomic_xchg(CNT + pid_n, 0)
 
 
@@ -251,36 +351,45 @@ try:  # shorter trials (ms): decode kernels run for microseconds
 except TypeError:  # a Triton without these arguments
     _tuned = triton.autotune(**_AUTOTUNE)(_wa16_kernel)
 
-# GEMV (M = 1): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
+# GEMV (M = 1): (BLOCK_N, words per step, SPLIT_K, num_warps, prefetch) — the fastest of a sweep
+# of 230 configurations on an H100 at 4096x4096, 14336x4096 and 4096x14336, W4 g128
+# (bench/gemv_probe.py); a step's words split into slices of at most 16 words inside one group.
 _GEMV_CONFIGS = [
-    (32, 256, 1, 4, 3), (32, 256, 4, 4, 3), (64, 256, 2, 4, 3), (16, 512, 2, 4, 3), (32, 512, 2, 8, 3),
-    (16, 256, 4, 4, 3), (64, 128, 4, 4, 3), (32, 128, 8, 4, 3),
+    (16, 128, 1, 8, False), (16, 64, 1, 4, True), (32, 128, 1, 8, True), (64, 64, 1, 8, True),
+    (64, 64, 1, 4, True), (64, 64, 4, 8, True), (64, 32, 8, 4, True), (64, 64, 4, 4, True), (32, 32, 4, 4, True),
 ]
-_GEMV_DEFER = [(32, 256, 2, 4, 3), (16, 256, 4, 4, 3), (32, 128, 4, 4, 3), (64, 128, 2, 8, 3), (16, 512, 2, 8, 3)]
 
 
-def _gsb(gs: int, k: int, bk: int) -> int | None:
-    """Slice length for a GEMV step of ``bk``: the step inside one group, or whole groups."""
-    if gs >= k or gs % bk == 0:
-        return bk
-    return gs if bk % gs == 0 else None
+def _slices(bits: int, group_size: int, k: int, words: int) -> tuple[int, int] | None:
+    """(NG, WPG) for a step of ``words`` words: slices of WPG <= 16 words (WPG * codes per word
+    must divide the group), NG = words / WPG; None if no slice width fits."""
+    per = 32 // bits
+    if group_size >= k:
+        wpg = min(16, words)
+    else:
+        if group_size % per:
+            return None
+        gw = group_size // per
+        wpg = max((d for d in (16, 8, 4, 2, 1) if d <= words and gw % d == 0), default=None)
+        if wpg is None:
+            return None
+    return (words // wpg, wpg) if words % wpg == 0 else None
 
 
 def _prune_gemv(configs, named_args, **kwargs):
-    gs, k = named_args["GS"], named_args["K"]
+    bits = kwargs.get("BITS", named_args.get("BITS", 4))
     out = []
     for c in configs:
-        g = _gsb(gs, k, c.kwargs["BLOCK_K"])
-        if g is not None:
-            out.append(triton.Config({**c.kwargs, "GSB": g}, num_warps=c.num_warps, num_stages=c.num_stages))
+        sl = _slices(bits, named_args["GS"], named_args["K"], c.kwargs["WORDS"])
+        if sl is not None:
+            kw = {k: v for k, v in c.kwargs.items() if k != "WORDS"}
+            out.append(triton.Config({**kw, "NG": sl[0], "WPG": sl[1]}, num_warps=c.num_warps, num_stages=1))
     return out
 
 
 _GEMV_AUTOTUNE = dict(
-    configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=st)
-             for n, k, s, w, st in _GEMV_CONFIGS]
-    + [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s, "DEFER": True}, num_warps=w, num_stages=st)
-       for n, k, s, w, st in _GEMV_DEFER],
+    configs=[triton.Config({"BLOCK_N": n, "WORDS": w, "SPLIT_K": s, "PREFETCH": pf}, num_warps=wp, num_stages=1)
+             for n, w, s, wp, pf in _GEMV_CONFIGS],
     key=["N", "K", "GS", "BITS", "HAS_LUT"],
     prune_configs_by={"early_config_prune": _prune_gemv},
 )
@@ -290,19 +399,50 @@ except TypeError:
     _gemv_tuned = triton.autotune(**_GEMV_AUTOTUNE)(_gemv_kernel)
 
 
-def gemv_ok(group_size: int, k: int) -> bool:
-    return any(_gsb(group_size, k, bk) is not None for bk in (128, 256, 512))
+def gemv_ok(bits: int, group_size: int, k: int) -> bool:
+    return _slices(bits, group_size, k, 64) is not None
+
+
+# code-book GEMV (M = 1): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
+_LUT_CONFIGS = [
+    (32, 256, 1, 4, 3), (32, 256, 4, 4, 3), (64, 256, 2, 4, 3), (16, 512, 2, 4, 3), (32, 512, 2, 8, 3),
+    (16, 256, 4, 4, 3), (64, 128, 4, 4, 3), (32, 128, 8, 4, 3),
+]
+_LUT_DEFER = [(32, 256, 2, 4, 3), (16, 256, 4, 4, 3), (32, 128, 4, 4, 3), (64, 128, 2, 8, 3), (16, 512, 2, 8, 3)]
+
+
+def _gsb(gs: int, k: int, bk: int) -> int | None:
+    """Slice length for a GEMV step of ``bk``: the step inside one group, or whole groups."""
+    if gs >= k or gs % bk == 0:
+        return bk
+    return gs if bk % gs == 0 else None
+
+
+def _prune_lut(configs, named_args, **kwargs):
+    gs, k = named_args["GS"], named_args["K"]
+    out = []
+    for c in configs:
+        g = _gsb(gs, k, c.kwargs["BLOCK_K"])
+        if g is not None:
+            out.append(triton.Config({**c.kwargs, "GSB": g}, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
+
+
+_LUT_AUTOTUNE = dict(
+    configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=st)
+             for n, k, s, w, st in _LUT_CONFIGS]
+    + [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s, "DEFER": True}, num_warps=w, num_stages=st)
+       for n, k, s, w, st in _LUT_DEFER],
+    key=["N", "K", "GS"],
+    prune_configs_by={"early_config_prune": _prune_lut},
+)
+try:
+    _lut_tuned = triton.autotune(**_LUT_AUTOTUNE, warmup=5, rep=20)(_gemv_lut_kernel)
+except TypeError:
+    _lut_tuned = triton.autotune(**_LUT_AUTOTUNE)(_gemv_lut_kernel)
 
 
 _WORKSPACES: dict = {}
-_TABLES: dict = {}
-
-
-def _int_table(bits: int, dev: torch.device) -> torch.Tensor:
-    key = (bits, str(dev))
-    if key not in _TABLES:
-        _TABLES[key] = torch.arange(1 << bits, dtype=torch.float32, device=dev)
-    return _TABLES[key]
 
 
 def _workspace(dev: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,7 +451,7 @@ def _workspace(dev: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.T
     device must not run concurrently on several streams (one decode stream is the use here)."""
     key = str(dev)
     ws, cnt = _WORKSPACES.get(key, (None, None))
-    tiles = triton.cdiv(n, 32) * triton.cdiv(m, 16)
+    tiles = triton.cdiv(n, 16) * triton.cdiv(m, 16)  # the smallest BLOCK_N / BLOCK_M of any configuration
     if ws is None or ws.numel() < m * n or cnt.numel() < tiles:
         if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the split-K workspace must grow during CUDA-graph capture: run the step once "
@@ -363,18 +503,32 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
     lut = p.lut if p.lut is not None else p.scale  # placeholders for unused pointers
     zero = p.zero if p.zero is not None else p.scale
     b = bias if bias is not None else p.scale
-    if m == 1 and gemv_ok(p.group_size, p.k) and (gemv_config is not None or config is None):
-        table = p.lut if p.lut is not None else _int_table(p.bits, x.device)
-        gargs = (x2, p.qw, p.scale, zero, table, b, out, ws, cnt, p.n, p.k, p.group_size, p.qw.stride(0), p.scale.stride(0))
+    if m == 1 and p.lut is not None and _gsb(p.group_size, p.k, 128) is not None and config is None:
+        gargs = (x2, p.qw, p.scale, zero, p.lut, b, out, ws, cnt, p.n, p.k, p.group_size, p.qw.stride(0),
+                 p.scale.stride(0))
+        gconsts = dict(BITS=p.bits, HAS_LUT=True, HAS_BIAS=bias is not None)
+        if INTERPRET:
+            _gemv_lut_kernel[(triton.cdiv(p.n, 32), 2)](*gargs, **gconsts, BLOCK_N=32, BLOCK_K=128,
+                                                        GSB=_gsb(p.group_size, p.k, 128), SPLIT_K=2, num_warps=4)
+        else:
+            _lut_tuned[lambda meta: (triton.cdiv(p.n, meta["BLOCK_N"]), meta["SPLIT_K"])](*gargs, **gconsts)
+        return out.reshape(*lead, p.n)
+    if m == 1 and gemv_ok(p.bits, p.group_size, p.k) and (gemv_config is not None or config is None):
+        table = p.lut if p.lut is not None else p.scale
+        gs = p.group_size if p.group_size < p.k else p.qw.shape[1] * p.per_word  # per channel: one group
+        gargs = (x2, p.qw, p.scale, zero, table, b, out, ws, cnt, p.n, p.k, p.qw.shape[1], p.scale.shape[1], gs,
+                 p.qw.stride(0), p.scale.stride(0))
         gconsts = dict(BITS=p.bits, HAS_LUT=p.lut is not None, HAS_BIAS=bias is not None)
         if gemv_config is None and not INTERPRET:
             grid = lambda meta: (triton.cdiv(p.n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
             _gemv_tuned[grid](*gargs, **gconsts)
         else:
-            bn, bk, sk, warps, stages, *defer = gemv_config or (32, 128, 2, 4, 2)
-            gsb = _gsb(p.group_size, p.k, bk)
-            _gemv_kernel[(triton.cdiv(p.n, bn), sk)](*gargs, **gconsts, BLOCK_N=bn, BLOCK_K=bk, GSB=gsb, SPLIT_K=sk,
-                                                     DEFER=bool(defer and defer[0]), num_warps=warps, num_stages=stages)
+            bn, words, sk, warps, pf = gemv_config or (32, 32, 2, 4, True)
+            sl = _slices(p.bits, p.group_size, p.k, words)
+            if sl is None:
+                raise ValueError(f"a GEMV step of {words} words does not tile groups of {p.group_size}")
+            _gemv_kernel[(triton.cdiv(p.n, bn), sk)](*gargs, **gconsts, BLOCK_N=bn, NG=sl[0], WPG=sl[1], SPLIT_K=sk,
+                                                     PREFETCH=bool(pf), num_warps=warps, num_stages=1)
         return out.reshape(*lead, p.n)
     args = (x2, p.qw, p.scale, zero, lut, b, out, ws, cnt, m, p.n, p.k, p.group_size, x2.stride(0), out.stride(0),
             p.qw.stride(0), p.scale.stride(0))
@@ -389,3 +543,4 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
         grid = (triton.cdiv(p.n, bn), sk, triton.cdiv(m, bm))
         _wa16_kernel[grid](*args, **consts, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=warps, num_stages=stages)
     return out.reshape(*lead, p.n)
+

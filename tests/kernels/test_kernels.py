@@ -145,7 +145,8 @@ _INTERP = textwrap.dedent("""
             W = q.dequantize()
         for dt in (torch.float32, torch.float16):
             p = layout.pack(q, dt)
-            for m, cfg, gcfg in ((1, None, (32, 128, 2, 4, 2)), (1, None, (16, 256, 1, 4, 2, True)), (1, (32, 64, 2, 4, 2), None),
+            for m, cfg, gcfg in ((1, None, (32, 32, 2, 4, True)), (1, None, (16, 64, 1, 4, False)),
+                                 (1, None, (16, 8, 3, 4, True)), (1, (32, 64, 2, 4, 2), None),
                                  (5, (64, 32, 1, 4, 2), None), (19, (32, 128, 3, 4, 2), None), (70, (16, 64, 3, 4, 2), None),
                                  (9, None, None), (100, None, None)):
                 x = torch.randn(m, k, generator=g)

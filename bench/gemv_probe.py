@@ -1,0 +1,143 @@
+"""Configuration sweep of the M = 1 kernel (``triton_wa16._gemv_kernel``) against the
+autotuned path and bf16 cuBLAS (H100): correctness of every configuration class on ragged
+shapes, then µs per call and % of the copy ceiling for each configuration on the three
+Llama-3-8B shapes. Prints the best three per shape and writes ``gemv-probe.json``; the fastest
+configurations are the autotuner's list (``_GEMV_CONFIGS``).
+
+    python bench/gemv_probe.py --out DIR [--quick] [--schemes w4g128sym,w8ch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernels import SHAPES, copy_ceiling, graph_time, make_qw  # noqa: E402
+
+from llmpress.kernels import layout  # noqa: E402
+from llmpress.kernels import triton_wa16 as tw  # noqa: E402
+from llmpress.quant import nf4  # noqa: E402
+from llmpress.quant.primitives import QuantScheme  # noqa: E402
+
+
+def configs(quick: bool, m: int = 1) -> list[tuple]:
+    """(BLOCK_N, words per step, SPLIT_K, warps, prefetch), at most 32 words per thread."""
+    out = []
+    words = (32, 64, 128) if not quick else (32, 64)
+    for bn, wd, sk, w, pf in itertools.product((8, 16, 32, 64), words, (1, 2, 4, 8, 16), (4, 8), (False, True)):
+        if bn * wd <= 32 * 32 * w and not (quick and w == 8):
+            out.append((bn, wd, sk, w, pf))
+    return out
+
+
+def check(dev) -> tuple[int, float]:
+    g = torch.Generator().manual_seed(1)
+    worst, n_ok, n_all = 0.0, 0, 0
+    schemes = [QuantScheme(4, True, "group", 128), QuantScheme(4, False, "group", 64), QuantScheme(8, True, "channel"),
+               QuantScheme(3, False, "group", 64), QuantScheme(4, True, "channel"), "nf4"]
+    for i in range(36):
+        sch = schemes[i % len(schemes)]
+        gs = 64 if sch == "nf4" else (sch.group_size if sch.strategy == "group" else 8)
+        n = int(torch.randint(1, 60, (1,), generator=g)) * 37 + int(torch.randint(0, 16, (1,), generator=g))
+        k = gs * int(torch.randint(1, 48, (1,), generator=g)) if gs > 8 else 8 * int(torch.randint(3, 700, (1,), generator=g))
+        m = 1
+        w = torch.randn(n, k, generator=g)
+        q = nf4.quantize_4bit(w, "nf4", 64, True) if sch == "nf4" else make_qw(w, sch)
+        p = layout.pack(q, torch.bfloat16).to(dev)
+        x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
+        b = torch.randn(n, generator=g).to(dev, torch.bfloat16) if i % 2 else None
+        ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32).to(dev), None if b is None else b.float())
+        for cfg in configs(True, m)[i % 5 :: 7]:
+            if tw._slices(p.bits, p.group_size, p.k, cfg[1]) is None:
+                continue
+            y = tw.matmul(x, p, b, gemv_config=cfg)
+            err = float(((y.float() - ref).norm() / ref.norm()).item())
+            worst = max(worst, err)
+            n_all += 1
+            good = bool(torch.isfinite(y).all()) and err < 1e-2
+            n_ok += good
+            if not good:
+                print("  FAIL", sch if sch == "nf4" else sch.describe(), n, k, m, cfg, err, flush=True)
+    return n_ok, n_all, worst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--ms", default="1")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--schemes", default="w4g128sym,w4g128asym")
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    ceil = copy_ceiling(dev)
+    print(f"copy ceiling {ceil / 1e12:.2f} TB/s on {torch.cuda.get_device_name()}", flush=True)
+    t0 = time.time()
+    n_ok, n_all, worst = check(dev)
+    print(f"gemv correctness: {n_ok}/{n_all} within 1e-2 (worst {worst:.2e}) [{time.time() - t0:.0f}s]", flush=True)
+    schemes = {"w4g128sym": QuantScheme(4, True, "group", 128), "w4g128asym": QuantScheme(4, False, "group", 128),
+               "w8ch": QuantScheme(8, True, "channel"), "nf4": "nf4"}
+    rows = []
+    for n, k in SHAPES:
+        torch.manual_seed(0)
+        w = torch.randn(n, k, device=dev) * 0.02
+        r = max(4, int(200e6 // (n * k * 2)) + 1)
+        wb = [w.to(torch.bfloat16).clone() for _ in range(r)]
+        for sname in a.schemes.split(","):
+            sch = schemes[sname]
+            q = nf4.quantize_4bit(w.float(), "nf4", 64, True) if sch == "nf4" else make_qw(w.float(), sch)
+            p = layout.pack(q, torch.bfloat16)
+            ps = [p] + [layout.PackedWeight(p.qw.clone(), p.scale.clone(), None if p.zero is None else p.zero.clone(),
+                                            p.lut, p.bits, p.group_size, p.n, p.k) for _ in range(r - 1)]
+            for m in [int(v) for v in a.ms.split(",")]:
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])
+                tw.matmul(x, ps[0])
+                t_cur = graph_time([lambda P=P: tw.matmul(x, P) for P in ps])
+                best = {}
+                kname = "gemv"
+                for cfg in configs(a.quick, m):
+                    if tw._slices(p.bits, p.group_size, p.k, cfg[1]) is None:
+                        continue
+                    try:
+                        tw.matmul(x, ps[0], None, gemv_config=cfg)
+                        t = graph_time([lambda P=P: tw.matmul(x, P, None, gemv_config=cfg) for P in ps], reps=15)
+                    except Exception as e:  # noqa: BLE001
+                        print("  ", kname, cfg, "failed:", repr(e)[:160], flush=True)
+                        continue
+                    rows.append({"shape": f"{n}x{k}", "scheme": sname, "M": m, "kernel": kname, "config": cfg,
+                                 "us": t * 1e6, "pct_copy_ceiling": 100 * p.nbytes / t / ceil,
+                                 "speedup_vs_bf16": t_bf / t})
+                    if kname not in best or t < best[kname][1]:
+                        best[kname] = (cfg, t)
+                line = (f"{n}x{k} {sname:10s} M={m:2d}: bf16 {t_bf * 1e6:6.1f} us | autotuned {t_cur * 1e6:6.1f} us "
+                        f"({100 * p.nbytes / t_cur / ceil:4.1f}%, {t_bf / t_cur:4.2f}x)")
+                for kname, (cfg, t) in best.items():
+                    line += f" | {kname} {t * 1e6:6.1f} us ({100 * p.nbytes / t / ceil:4.1f}%, {t_bf / t:4.2f}x) {cfg}"
+                print(line, flush=True)
+                rows.append({"shape": f"{n}x{k}", "scheme": sname, "M": m, "kernel": "bf16 cuBLAS", "config": "-",
+                             "us": t_bf * 1e6})
+                rows.append({"shape": f"{n}x{k}", "scheme": sname, "M": m, "kernel": "autotuned", "config": "-", "us": t_cur * 1e6,
+                             "pct_copy_ceiling": 100 * p.nbytes / t_cur / ceil, "speedup_vs_bf16": t_bf / t_cur})
+                Path(a.out).mkdir(parents=True, exist_ok=True)
+                (Path(a.out) / "gemv-probe.json").write_text(json.dumps(
+                    {"device": torch.cuda.get_device_name(), "copy_ceiling_tb_s": ceil / 1e12,
+                     "check": [n_ok, n_all, worst], "rows": rows}))
+    for (shape, sname, m), grp in itertools.groupby(sorted((r for r in rows if isinstance(r["config"], tuple)),
+                                                           key=lambda r: (r["shape"], r["kernel"], r["M"], r["us"])),
+                                                    key=lambda r: (r["shape"], r["kernel"], r["M"])):
+        top = list(grp)[:3]
+        print(shape, sname, m, [(r["config"], round(r["us"], 1)) for r in top])
+
+
+if __name__ == "__main__":
+    main()
