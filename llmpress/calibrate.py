@@ -411,13 +411,24 @@ class _BlockStats:
         return self.shared.get(self.owner.get(ln, ln), {})
 
 
+def structure(block: nn.Module) -> tuple:
+    """What a block's data flow between its linears depends on: its class and every submodule's
+    name, class and weight shape. Blocks with equal structures share one trace."""
+    return (type(block).__qualname__,) + tuple(
+        (n, type(m).__name__, tuple(w.shape) if isinstance(w := getattr(m, "weight", None), torch.Tensor) else None)
+        for n, m in block.named_modules())
+
+
 def _block_stats(
     block: nn.Module, todo: dict[str, tuple[Step, ...]], mods: dict[str, nn.Module],
     inputs: list[torch.Tensor], calls: list[tuple], device: torch.device, dist_ctx: Dist | None = None,
+    traces: dict | None = None,
 ) -> _BlockStats:
     """Run the block over the calibration inputs once with hooks and collect every statistic
     any step of the block's layers needs. A short trace on the first batch finds the linears
-    sharing an input (one set of statistics each) and the op producing it (for scale folds)."""
+    sharing an input (one set of statistics each) and the op producing it (for scale folds);
+    with ``traces`` (a dict kept across the blocks of one run) blocks of an already traced
+    structure reuse its groups, and the float reference is the statistics pass's first output."""
     wanted = {ln: ss for ln, steps in todo.items() if (ss := tuple(x for st in steps for x in needs(st)))}
     if not wanted:
         return _BlockStats()
@@ -425,7 +436,13 @@ def _block_stats(
     def first_batch() -> torch.Tensor:  # the float reference for tracing and for checking folds
         return _run_block(block, inputs[0].to(device), calls[0])
 
-    groups, ref = fold.trace(block, first_batch)
+    key = structure(block) if traces is not None else None
+    if key is not None and key in traces:
+        groups, ref = traces[key], None
+    else:
+        groups, ref = fold.trace(block, first_batch)
+        if key is not None:
+            traces[key] = groups
     owner = {ln: g.linears[0] for g in groups for ln in g.linears}  # first reader holds the stats
     per_owner: dict[str, set[str]] = defaultdict(set)
     for ln, ss in wanted.items():
@@ -441,8 +458,10 @@ def _block_stats(
         hooks.append(mods[own].register_forward_hook(hook))
     try:
         with torch.inference_mode():
-            for x, call in zip(inputs, calls, strict=True):
-                _run_block(block, x.to(device, non_blocking=True), call)
+            for j, (x, call) in enumerate(zip(inputs, calls, strict=True)):
+                out = _run_block(block, x.to(device, non_blocking=True), call)
+                if j == 0 and ref is None:  # the same forward first_batch() runs (hooks only read)
+                    ref = out
     finally:
         for h in hooks:
             h.remove()
@@ -793,6 +812,7 @@ def run(
         offload(inputs, device)
 
     bar = tqdm(range(len(blocks)), desc=f"compress {recipe.name}", unit="block", disable=not progress)
+    traces: dict = {}
     for i in bar:
         block = blocks[i]
         bp = f"{prefix}{i}."
@@ -802,7 +822,7 @@ def run(
         bar.set_postfix_str(f"{len(todo)} layers", refresh=False)
         block.to(device)
         mods = block_linears(block)
-        bs = _block_stats(block, todo, mods, inputs, calls[i] if calls else [], device)
+        bs = _block_stats(block, todo, mods, inputs, calls[i] if calls else [], device, traces=traces)
         _compress_block(block, bp, todo, mods, bs, device, report)
         bs.shared.clear()
         if i < last_calib_block:  # the next block sees this block's compressed outputs

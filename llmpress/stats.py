@@ -154,7 +154,7 @@ class _SampleStat:
     """A fixed-seed subsample of input rows (up to ``cap``), for searches that need the
     activations themselves (SmoothQuant's alpha: the error of quantized activations)."""
 
-    def __init__(self, k: int, device: torch.device, per_batch: int = 128, cap: int = 2048) -> None:
+    def __init__(self, k: int, device: torch.device, per_batch: int = 32, cap: int = 512) -> None:
         self.rows: list[torch.Tensor] = []
         self.per_batch, self.cap, self.n = per_batch, cap, 0
         self.g = torch.Generator().manual_seed(0)

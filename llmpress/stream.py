@@ -358,6 +358,7 @@ def compress_streaming(
                initial=state["done"], total=n_blocks)
     pending = reader.submit(read, state["done"]) if state["done"] < n_blocks else None
     last_write = None
+    traces: dict = {}  # one trace per block structure
     try:
         for i in bar:
             bp = f"{prefix}{i}."
@@ -368,7 +369,8 @@ def compress_streaming(
             n_before = len(report.layers)
             if todo:
                 mods = calibrate.block_linears(block)
-                bs = calibrate._block_stats(block, todo, mods, inputs, calls[i] if calls else [], device, d)
+                bs = calibrate._block_stats(block, todo, mods, inputs, calls[i] if calls else [], device, d,
+                                            traces=traces)
                 lap("statistics")
                 calibrate._compress_block(block, bp, todo, mods, bs, device, report, d)
                 bs.shared.clear()

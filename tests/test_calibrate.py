@@ -119,3 +119,29 @@ def test_smoothquant_w8a8_beats_plain_w8a8_on_activation_outliers():
         errs[name] = _logit_err(m, ref, held)
     assert errs["smooth"] < 0.7 * errs["plain"], errs
     assert any(d.get("smooth_alpha", 0) > 0 for d in reps["smooth"].layers)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-int8", "w4a16-awq"])
+def test_one_trace_per_block_structure_gives_the_same_result(recipe, monkeypatch):
+    """Blocks of one structure reuse the first block's trace and take the float reference from
+    the statistics pass: the compressed model is identical to tracing every block."""
+    import llmpress.calibrate as cal
+
+    calib = correlated_tokens(8, 32, seed=3)
+    a = tiny_model("llama", seed=4)
+    calls = []
+    real_trace = cal.fold.trace
+    monkeypatch.setattr(cal.fold, "trace", lambda *x, **k: calls.append(1) or real_trace(*x, **k))
+    lp.compress(a, lp.recipe(recipe, group_size=32), calib, progress=False)
+    assert len(calls) == 1  # the tiny model's blocks share one structure
+    n_blocks = len(a.model.layers)
+    assert cal.structure(a.model.layers[0]) == cal.structure(a.model.layers[1])
+    b = tiny_model("llama", seed=4)
+    monkeypatch.setattr(cal, "structure", lambda block: object())  # never equal: trace every block
+    calls.clear()
+    lp.compress(b, lp.recipe(recipe, group_size=32), calib, progress=False)
+    assert len(calls) == n_blocks
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
