@@ -13,14 +13,13 @@ peer.json holds the settings, seconds, or the error if auto-round failed on CPU.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
+from _record import finish  # bench/peers/_record.py (the script's folder is on sys.path)
 
 MODEL = Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress")) / "models" / "smollm2-135m"
 
@@ -53,13 +52,10 @@ def main() -> None:
                 f.replace(out / name / f.name)
             cfg.parent.rmdir()
         tok.save_pretrained(out / name)
-    except Exception as e:  # a peer failing on CPU is a result: keep the row with its error
-        info["seconds"] = time.perf_counter() - t0
-        info["error"] = f"{type(e).__name__}: {e}"[:500]
-        traceback.print_exc()
-        (out / name).mkdir(parents=True, exist_ok=True)
-    (out / name / "peer.json").write_text(json.dumps(info, indent=2))
-    print(f"{name}: {info['seconds']:.1f}s {info.get('error', '')}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        finish(out, name, info, t0, e)
+    else:
+        finish(out, name, info, t0)
 
 
 if __name__ == "__main__":

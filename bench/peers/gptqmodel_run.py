@@ -12,14 +12,13 @@ storage bits of the format, or the error if the peer failed on CPU).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
+from _record import finish  # bench/peers/_record.py (the script's folder is on sys.path)
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 MODEL = Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress")) / "models" / "smollm2-135m"
@@ -81,13 +80,10 @@ def main() -> None:
             del model
             info["layers"] = _dequantized_fp32(tmp, out / name)
             AutoTokenizer.from_pretrained(MODEL).save_pretrained(out / name)
-        except Exception as e:  # a peer failing on CPU is a result: keep the row with its error
-            info.setdefault("seconds", time.perf_counter() - t0)
-            info["error"] = f"{type(e).__name__}: {e}"[:500]
-            traceback.print_exc()
-            (out / name).mkdir(parents=True, exist_ok=True)
-        (out / name / "peer.json").write_text(json.dumps(info, indent=2))
-        print(f"{name}: {info['seconds']:.1f}s {info.get('error', '')}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            finish(out, name, info, t0, e)
+        else:
+            finish(out, name, info, t0)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,47 @@ def _wa16_kernel(
 
 
 @triton.jit
+def _gemv_loads(qrow, S, Z, srow, k, rw, n_ok, KW, G, GS, PER: tl.constexpr, WPG: tl.constexpr, NG: tl.constexpr,
+                HAS_LUT: tl.constexpr):
+    """One GEMV step's packed words [BLOCK_N, NG, WPG] from code k on, and its slices' scales
+    and zero points [BLOCK_N, NG] (the scales stand in for the zero points of a code book)."""
+    wi = k // PER + rw
+    p = tl.load(qrow + wi[None, :, :], mask=n_ok[:, None, None] & (wi < KW)[None, :, :], other=0)
+    kg = (k + tl.arange(0, NG) * (WPG * PER)) // GS  # group of each slice
+    sm = n_ok[:, None] & (kg < G)[None, :]
+    s = tl.load(S + srow + kg[None, :], mask=sm, other=0.0)
+    if HAS_LUT:
+        z = s
+    else:
+        z = tl.load(Z + srow + kg[None, :], mask=sm, other=0.0)
+    return p, s, z
+
+
+@triton.jit
+def _store_row(acc, offs_n, n_ok, B, O, WS, CNT, pid_n, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Write one row of y: directly, or (split K) add this program's partial sums to the float32
+    workspace; the last program of the column tile (arrival counter) writes the total, adds the
+    bias and leaves the workspace and counter zeroed for the next call."""
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(O + offs_n, acc.to(O.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(WS + offs_n, acc, mask=n_ok)
+        tl.debug_barrier()  # every thread's partial sums are issued before the (one-thread) arrival below
+        arrived = tl.atomic_add(CNT + pid_n, 1)  # acq_rel at GPU scope: releases them to the last program
+        if arrived == SPLIT_K - 1:
+            zero = tl.zeros(acc.shape, dtype=tl.float32)
+            total = tl.atomic_add(WS + offs_n, zero, mask=n_ok)  # read at L2, where the atomics landed
+            tl.store(WS + offs_n, zero, mask=n_ok)
+            if HAS_BIAS:
+                total += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(O + offs_n, total.to(O.dtype.element_ty), mask=n_ok)
+            tl.debug_barrier()
+            tl.atomic_xchg(CNT + pid_n, 0)
+
+
+@triton.jit
 def _gemv_kernel(
     X, QW, S, Z, LUT, B, O, WS, CNT,
     N, K, KW, G, GS,
@@ -131,29 +172,13 @@ def _gemv_kernel(
     srow = offs_n[:, None] * stride_sn
     acc = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
     k_first = pid_k * BLOCK_K
-    wi = k_first // PER + rw
-    p_nx = tl.load(qrow + wi[None, :, :], mask=n_ok[:, None, None] & (wi < KW)[None, :, :], other=0)
-    kg = (k_first + tl.arange(0, NG) * (WPG * PER)) // GS  # group of each slice
-    sm = n_ok[:, None] & (kg < G)[None, :]
-    s_nx = tl.load(S + srow + kg[None, :], mask=sm, other=0.0)
-    if HAS_LUT:
-        z_nx = s_nx
-    else:
-        z_nx = tl.load(Z + srow + kg[None, :], mask=sm, other=0.0)
+    p_nx, s_nx, z_nx = _gemv_loads(qrow, S, Z, srow, k_first, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT)
     for k0 in range(k_first, K, STEP):
         p = p_nx
         s = s_nx.to(tl.float32)
         z = z_nx.to(tl.float32) + 8388608.0
         if PREFETCH:
-            wi = (k0 + STEP) // PER + rw
-            p_nx = tl.load(qrow + wi[None, :, :], mask=n_ok[:, None, None] & (wi < KW)[None, :, :], other=0)
-            kg = (k0 + STEP + tl.arange(0, NG) * (WPG * PER)) // GS
-            sm = n_ok[:, None] & (kg < G)[None, :]
-            s_nx = tl.load(S + srow + kg[None, :], mask=sm, other=0.0)
-            if HAS_LUT:
-                z_nx = s_nx
-            else:
-                z_nx = tl.load(Z + srow + kg[None, :], mask=sm, other=0.0)
+            p_nx, s_nx, z_nx = _gemv_loads(qrow, S, Z, srow, k0 + STEP, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT)
         kx = k0 + rw * PER
         t = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
         for j in tl.static_range(PER):
@@ -166,33 +191,9 @@ def _gemv_kernel(
             t += v * xj[None, :, :]
         acc += t * s[:, :, None]
         if not PREFETCH:
-            wi = (k0 + STEP) // PER + rw
-            p_nx = tl.load(qrow + wi[None, :, :], mask=n_ok[:, None, None] & (wi < KW)[None, :, :], other=0)
-            kg = (k0 + STEP + tl.arange(0, NG) * (WPG * PER)) // GS
-            sm = n_ok[:, None] & (kg < G)[None, :]
-            s_nx = tl.load(S + srow + kg[None, :], mask=sm, other=0.0)
-            if HAS_LUT:
-                z_nx = s_nx
-            else:
-                z_nx = tl.load(Z + srow + kg[None, :], mask=sm, other=0.0)
+            p_nx, s_nx, z_nx = _gemv_loads(qrow, S, Z, srow, k0 + STEP, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT)
     acc1 = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc1 += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(O + offs_n, acc1.to(O.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(WS + offs_n, acc1, mask=n_ok)
-        tl.debug_barrier()  # every thread's partial sums are issued before the (one-thread) arrival below
-        arrived = tl.atomic_add(CNT + pid_n, 1)  # acq_rel at GPU scope: releases them to the last program
-        if arrived == SPLIT_K - 1:  # the last program of this column tile writes the result
-            zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            total = tl.atomic_add(WS + offs_n, zero, mask=n_ok)  # read at L2, where the atomics landed
-            tl.store(WS + offs_n, zero, mask=n_ok)  # and leave the workspace zeroed
-            if HAS_BIAS:
-                total += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(O + offs_n, total.to(O.dtype.element_ty), mask=n_ok)
-            tl.debug_barrier()
-            tl.atomic_xchg(CNT + pid_n, 0)
+    _store_row(acc1, offs_n, n_ok, B, O, WS, CNT, pid_n, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -250,23 +251,7 @@ def _gemv_lut_kernel(
                 acc += tl.sum(s * (part - z * xs[None, :]), axis=1)
     if DEFER:
         acc += tl.sum(tl.sum(acc2, axis=2), axis=1)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(O + offs_n, acc.to(O.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(WS + offs_n, acc, mask=n_ok)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(CNT + pid_n, 1)  # acq_rel: the partial sums above are visible first
-        if arrived == SPLIT_K - 1:
-            zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            total = tl.atomic_add(WS + offs_n, zero, mask=n_ok)
-            tl.store(WS + offs_n, zero, mask=n_ok)
-            if HAS_BIAS:
-                total += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(O + offs_n, total.to(O.dtype.element_ty), mask=n_ok)
-            tl.debug_barrier()
-            tl.atomic_xchg(CNT + pid_n, 0)
+    _store_row(acc, offs_n, n_ok, B, O, WS, CNT, pid_n, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
