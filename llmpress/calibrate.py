@@ -71,7 +71,7 @@ def _solve_gptq(w: torch.Tensor, stats: dict, step: QuantStep, name: str) -> Qua
 
 
 def _solve_hqq(w: torch.Tensor, stats: dict, step: QuantStep, name: str) -> QuantizedWeight:
-    return hqq(w, step.scheme(), HQQConfig(int_zero=not step.float_zero), name=name)
+    return hqq(w, step.scheme(), HQQConfig(int_zero=not step.float_zero, shrink=step.range_shrink), name=name)
 
 
 def _solve_codebook(w: torch.Tensor, stats: dict, step: QuantStep, name: str) -> CodebookWeight:

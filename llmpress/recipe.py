@@ -120,6 +120,9 @@ class QuantStep(_Targeted):
     overrides: tuple[dict, ...] = ()
     awq: bool = False  # activation-aware scales (AWQ) folded into the previous op first
     float_zero: bool = False  # hqq: keep the optimised zero point in float (llmpress-only checkpoints)
+    # hqq: ranges tried per group, as fractions of the min-max range (each optimised; the group keeps
+    # the one with the lowest error). Clipping matters most at 2 bits, where w2a16-hqq also tries 0.8.
+    range_shrink: tuple[float, ...] = (1.0,)
     type: str = "int"  # weight grid: int | float (FP8 E4M3, 8 bits, symmetric)
     # activation quantization (W8A8): 8-bit int or float, per token (dynamic) or per tensor (static)
     act_bits: int | None = None
@@ -144,6 +147,14 @@ class QuantStep(_Targeted):
             raise RecipeError("method 'hqq' optimises the zero point: set symmetric: false")
         if self.float_zero and self.method != "hqq":
             raise RecipeError("float_zero applies to method 'hqq' only")
+        rs = self.range_shrink
+        rs = (rs,) if isinstance(rs, (int, float)) and not isinstance(rs, bool) else rs
+        if (not isinstance(rs, (list, tuple)) or not rs
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 for v in rs)):
+            raise RecipeError(f"range_shrink={self.range_shrink!r} is not allowed; allowed: a list of fractions in (0, 1]")
+        object.__setattr__(self, "range_shrink", tuple(float(v) for v in rs))
+        if self.range_shrink != (1.0,) and self.method != "hqq":
+            raise RecipeError("range_shrink applies to method 'hqq' only (rtn and gptq search ranges with observer: mse)")
         if self.awq and self.method == "hqq":
             raise RecipeError("awq combines with 'rtn' or 'gptq', not 'hqq' (HQQ uses no calibration data)")
         if self.method in ("nf4", "fp4"):
@@ -560,7 +571,7 @@ PRESETS: dict[str, dict | list[dict]] = {
     "w4a16-hqq": dict(method="hqq", bits=4, symmetric=False, float_zero=True),
     # 2-3 bits: groups of output rows (HQQ's axis=0) were far better on smollm2-135m (BENCHMARKS.md)
     "w3a16-hqq": dict(method="hqq", bits=3, symmetric=False, float_zero=True, group_axis=0),
-    "w2a16-hqq": dict(method="hqq", bits=2, symmetric=False, float_zero=True, group_axis=0),
+    "w2a16-hqq": dict(method="hqq", bits=2, symmetric=False, float_zero=True, group_axis=0, range_shrink=(1.0, 0.8)),
     "w8a16-hqq": dict(method="hqq", bits=8, symmetric=False, float_zero=True),
     # W8A8: 8-bit weights per channel and 8-bit activations per token (dynamic)
     "w8a8-fp8": dict(method="rtn", type="float", bits=8, group_size=-1, act_bits=8, act_type="float"),

@@ -1,6 +1,6 @@
 """Quantize smollm2-135m with peer libraries, in the peers virtual environment.
 
-    .peers-venv/bin/python bench/peers/quantize_peers.py OUT_DIR
+    .peers-venv/bin/python bench/peers/quantize_peers.py OUT_DIR [hqq,bnb] [HQQ_BITS e.g. 2,4]
 
 Every linear layer inside the decoder blocks (lm_head and embeddings stay fp32, as in the
 llmpress rows) is quantized by the peer's own quantizer on CPU in fp32, then dequantized by the
@@ -65,7 +65,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     which = sys.argv[2].split(",") if len(sys.argv) > 2 else ["hqq", "bnb"]
-    gens = {"hqq": hqq_rows, "bnb": bnb_rows}
+    hqq_bits = tuple(int(b) for b in sys.argv[3].split(",")) if len(sys.argv) > 3 else (4, 3, 2, 8)  # hqq rows only
+    gens = {"hqq": lambda: hqq_rows(hqq_bits), "bnb": bnb_rows}
     for tool in which:
         for name, info, quant in gens[tool]():
             model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)

@@ -43,8 +43,11 @@ class HQQConfig:
 
 
 def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
-    """Proximal operator of ``|x|_p^p / beta`` (generalised soft-thresholding)."""
-    return torch.sign(x) * torch.relu(x.abs() - (1.0 / beta) * (x.abs() + 1e-8).pow(p - 1))
+    """Proximal operator of ``|x|_p^p / beta`` (generalised soft-thresholding):
+    ``sign(x) * relu(|x| - (|x| + 1e-8)^(p - 1) / beta)``, computed in place on temporaries."""
+    a = x.abs()
+    t = (a + 1e-8).pow_(p - 1).mul_(1.0 / beta)
+    return torch.sign(x).mul_(torch.relu_(a.sub_(t)))
 
 
 def _solve_zero(g: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: float, cfg: HQQConfig) -> torch.Tensor:
@@ -53,22 +56,22 @@ def _solve_zero(g: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: fl
     best = float("inf")
     best_err = best_zero = None
     for _ in range(cfg.iters):
-        q = torch.round(g * inv + zero).clamp(0, qmax)
-        rec = (q - zero) / inv
+        q = (g * inv).add_(zero).round_().clamp_(0, qmax)
+        d = g - (q - zero).div_(inv)  # the weight's error at this zero point
         if cfg.early_stop:  # the reference: stop when the tensor's mean |error| stops falling
-            err = float((g - rec).abs().mean())
+            err = float(d.abs().mean())
             if not err < best:
                 break
             best, best_zero = err, zero
         else:  # keep each group's best iterate
-            err = (g - rec).abs().mean(-1, keepdim=True)
+            err = d.abs().mean(-1, keepdim=True)
             if best_err is None:
                 best_err, best_zero = err, zero
             else:
                 better = err < best_err
                 best_err, best_zero = torch.where(better, err, best_err), torch.where(better, zero, best_zero)
-        we = _shrink_lp(g - rec, beta, cfg.lp_norm)
-        zero = torch.mean(q - (g - we) * inv, dim=-1, keepdim=True)
+        we = _shrink_lp(d, beta, cfg.lp_norm)
+        zero = torch.mean(q.sub_((g - we).mul_(inv)), dim=-1, keepdim=True)
         beta *= cfg.kappa
     return zero if best_zero is None else best_zero
 
