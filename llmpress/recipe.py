@@ -120,8 +120,9 @@ class QuantStep(_Targeted):
     overrides: tuple[dict, ...] = ()
     awq: bool = False  # activation-aware scales (AWQ) folded into the previous op first
     float_zero: bool = False  # hqq: keep the optimised zero point in float (llmpress-only checkpoints)
-    # hqq: ranges tried per group, as fractions of the min-max range (each optimised; the group keeps
-    # the one with the lowest error). Clipping matters most at 2 bits, where w2a16-hqq also tries 0.8.
+    # hqq: ranges tried per group, as fractions of the min-max range: each group starts from the one
+    # whose plain rounding fits it best, then HQQ optimises the zero point. Clipping matters most at
+    # 2 bits, where w2a16-hqq also tries 0.8.
     range_shrink: tuple[float, ...] = (1.0,)
     type: str = "int"  # weight grid: int | float (FP8 E4M3, 8 bits, symmetric)
     # activation quantization (W8A8): 8-bit int or float, per token (dynamic) or per tensor (static)

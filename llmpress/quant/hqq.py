@@ -31,7 +31,8 @@ class HQQConfig:
     kappa: float = 1.01
     iters: int = 20
     int_zero: bool = True
-    shrink: tuple[float, ...] = (1.0,)  # range shrink factors tried as starting points (1.0: min-max)
+    shrink: tuple[float, ...] = (1.0,)  # range shrink factors (1.0: min-max): each group starts from the one
+    # whose plain rounding has the lowest l_p error, then the zero point is optimised once
     early_stop: bool = True  # stop at the first step that does not lower the tensor's mean |error| (the
     # reference's default), keeping the best zero; False runs every step and keeps each group's best
 
@@ -85,18 +86,22 @@ def hqq(w: torch.Tensor, scheme: QuantScheme, cfg: HQQConfig = HQQConfig(), name
     qmax = float((1 << scheme.bits) - 1)  # unsigned grid [0, 2^b - 1] while solving
     lo0, hi0 = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     best_err = best_zero = best_inv = None
-    for r in cfg.shrink:
+    for r in cfg.shrink:  # each group starts from the range whose plain rounding fits it best (l_p error)
         lo, hi = lo0 * r, hi0 * r
         inv = (qmax / (hi - lo)).clamp(max=2e4)  # 1 / scale, as the reference keeps it (a flat group: 2e4)
-        zero = _solve_zero(g, inv, -lo * inv, qmax, cfg)
-        err = ((torch.round(g * inv + zero).clamp(0, qmax) - zero) / inv - g).abs().mean(-1, keepdim=True)
+        zero = -lo * inv
+        if len(cfg.shrink) == 1:
+            best_zero, best_inv = zero, inv
+            break
+        err = ((torch.round(g * inv + zero).clamp(0, qmax) - zero) / inv - g).abs().pow(cfg.lp_norm).mean(-1, keepdim=True)
         if best_err is None:
-            best_err, best_zero, best_inv = err, zero, inv.expand_as(zero)
-        else:  # per group, the shrink factor with the lowest error
+            best_err, best_zero, best_inv = err, zero, inv
+        else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_zero = torch.where(better, zero, best_zero)
             best_inv = torch.where(better, inv, best_inv)
+    best_zero = _solve_zero(g, best_inv, best_zero, qmax, cfg)
     scale = 1.0 / best_inv
     zero = best_zero
     if cfg.int_zero:
