@@ -72,9 +72,7 @@ class _Targeted:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("targets", "ignore", "overrides"):
-            d[k] = list(d[k])
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}  # YAML / JSON lists
 
 
 def _check_targets(step: Any) -> None:
