@@ -30,7 +30,7 @@ from llmpress.quant import nf4  # noqa: E402
 from llmpress.quant.primitives import QuantScheme  # noqa: E402
 
 
-def configs(quick: bool, m: int = 1) -> list[tuple]:
+def configs(quick: bool) -> list[tuple]:
     """(BLOCK_N, words per step, SPLIT_K, warps, prefetch), at most 32 words per thread."""
     out = []
     words = (32, 64, 128) if not quick else (32, 64)
@@ -40,7 +40,7 @@ def configs(quick: bool, m: int = 1) -> list[tuple]:
     return out
 
 
-def check(dev) -> tuple[int, float]:
+def check(dev) -> tuple[int, int, float]:
     g = torch.Generator().manual_seed(1)
     worst, n_ok, n_all = 0.0, 0, 0
     schemes = [QuantScheme(4, True, "group", 128), QuantScheme(4, False, "group", 64), QuantScheme(8, True, "channel"),
@@ -50,14 +50,13 @@ def check(dev) -> tuple[int, float]:
         gs = 64 if sch == "nf4" else (sch.group_size if sch.strategy == "group" else 8)
         n = int(torch.randint(1, 60, (1,), generator=g)) * 37 + int(torch.randint(0, 16, (1,), generator=g))
         k = gs * int(torch.randint(1, 48, (1,), generator=g)) if gs > 8 else 8 * int(torch.randint(3, 700, (1,), generator=g))
-        m = 1
         w = torch.randn(n, k, generator=g)
         q = nf4.quantize_4bit(w, "nf4", 64, True) if sch == "nf4" else make_qw(w, sch)
         p = layout.pack(q, torch.bfloat16).to(dev)
-        x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
+        x = torch.randn(1, k, generator=g).to(dev, torch.bfloat16)
         b = torch.randn(n, generator=g).to(dev, torch.bfloat16) if i % 2 else None
         ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32).to(dev), None if b is None else b.float())
-        for cfg in configs(True, m)[i % 5 :: 7]:
+        for cfg in configs(True)[i % 5 :: 7]:
             if tw._slices(p.bits, p.group_size, p.k, cfg[1]) is None:
                 continue
             y = tw.matmul(x, p, b, gemv_config=cfg)
@@ -67,14 +66,13 @@ def check(dev) -> tuple[int, float]:
             good = bool(torch.isfinite(y).all()) and err < 1e-2
             n_ok += good
             if not good:
-                print("  FAIL", sch if sch == "nf4" else sch.describe(), n, k, m, cfg, err, flush=True)
+                print("  FAIL", sch if sch == "nf4" else sch.describe(), n, k, cfg, err, flush=True)
     return n_ok, n_all, worst
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--ms", default="1")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--schemes", default="w4g128sym,w4g128asym")
     a = ap.parse_args()
@@ -98,46 +96,43 @@ def main() -> None:
             p = layout.pack(q, torch.bfloat16)
             ps = [p] + [layout.PackedWeight(p.qw.clone(), p.scale.clone(), None if p.zero is None else p.zero.clone(),
                                             p.lut, p.bits, p.group_size, p.n, p.k) for _ in range(r - 1)]
-            for m in [int(v) for v in a.ms.split(",")]:
-                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-                t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])
-                tw.matmul(x, ps[0])
-                t_cur = graph_time([lambda P=P: tw.matmul(x, P) for P in ps])
-                best = {}
-                kname = "gemv"
-                for cfg in configs(a.quick, m):
-                    if tw._slices(p.bits, p.group_size, p.k, cfg[1]) is None:
-                        continue
-                    try:
-                        tw.matmul(x, ps[0], None, gemv_config=cfg)
-                        t = graph_time([lambda P=P: tw.matmul(x, P, None, gemv_config=cfg) for P in ps], reps=15)
-                    except Exception as e:  # noqa: BLE001
-                        print("  ", kname, cfg, "failed:", repr(e)[:160], flush=True)
-                        continue
-                    rows.append({"shape": f"{n}x{k}", "scheme": sname, "M": m, "kernel": kname, "config": cfg,
-                                 "us": t * 1e6, "pct_copy_ceiling": 100 * p.nbytes / t / ceil,
-                                 "speedup_vs_bf16": t_bf / t})
-                    if kname not in best or t < best[kname][1]:
-                        best[kname] = (cfg, t)
-                line = (f"{n}x{k} {sname:10s} M={m:2d}: bf16 {t_bf * 1e6:6.1f} us | autotuned {t_cur * 1e6:6.1f} us "
-                        f"({100 * p.nbytes / t_cur / ceil:4.1f}%, {t_bf / t_cur:4.2f}x)")
-                for kname, (cfg, t) in best.items():
-                    line += f" | {kname} {t * 1e6:6.1f} us ({100 * p.nbytes / t / ceil:4.1f}%, {t_bf / t:4.2f}x) {cfg}"
-                print(line, flush=True)
-                rows.append({"shape": f"{n}x{k}", "scheme": sname, "M": m, "kernel": "bf16 cuBLAS", "config": "-",
-                             "us": t_bf * 1e6})
-                rows.append({"shape": f"{n}x{k}", "scheme": sname, "M": m, "kernel": "autotuned", "config": "-", "us": t_cur * 1e6,
-                             "pct_copy_ceiling": 100 * p.nbytes / t_cur / ceil, "speedup_vs_bf16": t_bf / t_cur})
-                Path(a.out).mkdir(parents=True, exist_ok=True)
-                (Path(a.out) / "gemv-probe.json").write_text(json.dumps(
-                    {"device": torch.cuda.get_device_name(), "copy_ceiling_tb_s": ceil / 1e12,
-                     "check": [n_ok, n_all, worst], "rows": rows}))
-    for (shape, sname, m), grp in itertools.groupby(sorted((r for r in rows if isinstance(r["config"], tuple)),
-                                                           key=lambda r: (r["shape"], r["kernel"], r["M"], r["us"])),
-                                                    key=lambda r: (r["shape"], r["kernel"], r["M"])):
-        top = list(grp)[:3]
-        print(shape, sname, m, [(r["config"], round(r["us"], 1)) for r in top])
-
+            x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+            t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])
+            tw.matmul(x, ps[0])
+            t_auto = graph_time([lambda P=P: tw.matmul(x, P) for P in ps])
+            best = None
+            for cfg in configs(a.quick):
+                if tw._slices(p.bits, p.group_size, p.k, cfg[1]) is None:
+                    continue
+                try:
+                    tw.matmul(x, ps[0], None, gemv_config=cfg)
+                    t = graph_time([lambda P=P: tw.matmul(x, P, None, gemv_config=cfg) for P in ps], reps=15)
+                except Exception as e:  # noqa: BLE001
+                    print("  ", cfg, "failed:", repr(e)[:160], flush=True)
+                    continue
+                rows.append({"shape": f"{n}x{k}", "scheme": sname, "M": 1, "kernel": "gemv", "config": cfg,
+                             "us": t * 1e6, "pct_copy_ceiling": 100 * p.nbytes / t / ceil, "speedup_vs_bf16": t_bf / t})
+                if best is None or t < best[1]:
+                    best = (cfg, t)
+            line = (f"{n}x{k} {sname:10s}: bf16 {t_bf * 1e6:6.1f} us | autotuned {t_auto * 1e6:6.1f} us "
+                    f"({100 * p.nbytes / t_auto / ceil:4.1f}%, {t_bf / t_auto:4.2f}x)")
+            if best is not None:
+                cfg, t = best
+                line += f" | best {t * 1e6:6.1f} us ({100 * p.nbytes / t / ceil:4.1f}%, {t_bf / t:4.2f}x) {cfg}"
+            print(line, flush=True)
+            rows.append({"shape": f"{n}x{k}", "scheme": sname, "M": 1, "kernel": "bf16 cuBLAS", "config": "-",
+                         "us": t_bf * 1e6})
+            rows.append({"shape": f"{n}x{k}", "scheme": sname, "M": 1, "kernel": "autotuned", "config": "-",
+                         "us": t_auto * 1e6, "pct_copy_ceiling": 100 * p.nbytes / t_auto / ceil,
+                         "speedup_vs_bf16": t_bf / t_auto})
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            (Path(a.out) / "gemv-probe.json").write_text(json.dumps(
+                {"device": torch.cuda.get_device_name(), "copy_ceiling_tb_s": ceil / 1e12,
+                 "check": [n_ok, n_all, worst], "rows": rows}))
+    for (shape, sname), grp in itertools.groupby(sorted((r for r in rows if r["kernel"] == "gemv"),
+                                                        key=lambda r: (r["shape"], r["scheme"], r["us"])),
+                                                 key=lambda r: (r["shape"], r["scheme"])):
+        print(shape, sname, [(r["config"], round(r["us"], 1)) for r in list(grp)[:3]])
 
 if __name__ == "__main__":
     main()

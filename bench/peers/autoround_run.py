@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from _record import finish  # bench/peers/_record.py (the script's folder is on sys.path)
+from _record import peer_row  # bench/peers/_record.py (the script's folder is on sys.path)
 
 MODEL = Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress")) / "models" / "smollm2-135m"
 
@@ -40,8 +40,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(MODEL)
     batches = [calib[i : i + 8] for i in range(0, calib.shape[0], 8)]
-    t0 = time.perf_counter()
-    try:
+    with peer_row(out, name, info) as t0:
         ar = AutoRound(model, tokenizer=tok, scheme="W4A16", bits=4, group_size=64, sym=True, dataset=batches,
                        iters=iters, nsamples=calib.shape[0], seqlen=calib.shape[1], batch_size=8, amp=False,
                        device_map="cpu", low_gpu_mem_usage=False)
@@ -52,10 +51,6 @@ def main() -> None:
                 f.replace(out / name / f.name)
             cfg.parent.rmdir()
         tok.save_pretrained(out / name)
-    except Exception as e:  # noqa: BLE001
-        finish(out, name, info, t0, e)
-    else:
-        finish(out, name, info, t0)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from _record import finish  # bench/peers/_record.py (the script's folder is on sys.path)
+from _record import peer_row  # bench/peers/_record.py (the script's folder is on sys.path)
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 MODEL = Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress")) / "models" / "smollm2-135m"
@@ -71,8 +71,7 @@ def main() -> None:
                 "group_size": 64, "settings": repr(qc)[:600],
                 "bits_per_weight": bits + (16 + bits) / 64}  # fp16 scale + packed zero per group
         tmp = out / f"{name}.gptq"  # the peer's own checkpoint, kept beside the dequantized one
-        t0 = time.perf_counter()
-        try:
+        with peer_row(out, name, info) as t0:
             model = GPTQModel.load(str(MODEL), qc, device="cpu", dtype=torch.float32)
             model.quantize(data, batch_size=1, calibration_sort=None)
             info["seconds"] = time.perf_counter() - t0
@@ -80,10 +79,6 @@ def main() -> None:
             del model
             info["layers"] = _dequantized_fp32(tmp, out / name)
             AutoTokenizer.from_pretrained(MODEL).save_pretrained(out / name)
-        except Exception as e:  # noqa: BLE001
-            finish(out, name, info, t0, e)
-        else:
-            finish(out, name, info, t0)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from _record import finish  # bench/peers/_record.py (the script's folder is on sys.path)
+from _record import peer_row  # bench/peers/_record.py (the script's folder is on sys.path)
 
 MODEL = Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress")) / "models" / "smollm2-135m"
 
@@ -75,17 +75,12 @@ def main() -> None:
             info["sparsity"] = "2:4" if name.endswith("2of4") else 0.5
         model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(MODEL)
-        t0 = time.perf_counter()
-        try:
+        with peer_row(out, name, info) as t0:
             oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0],
                     max_seq_length=calib.shape[1], pipeline="datafree" if method in ("rtn", "fp8") else "sequential")
             info["seconds"] = time.perf_counter() - t0
             model.save_pretrained(out / name, save_compressed=not prune)  # sparse: dense safetensors
             tok.save_pretrained(out / name)
-        except Exception as e:  # noqa: BLE001
-            finish(out, name, info, t0, e)
-        else:
-            finish(out, name, info, t0)
 
 
 if __name__ == "__main__":
