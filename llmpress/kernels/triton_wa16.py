@@ -428,6 +428,7 @@ except TypeError:
 
 
 _WORKSPACES: dict = {}
+MIN_BLOCK_N = 8  # the narrowest column tile a configuration may use (the split-K counters are sized for it)
 
 
 def _workspace(dev: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,7 +437,7 @@ def _workspace(dev: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.T
     device must not run concurrently on several streams (one decode stream is the use here)."""
     key = str(dev)
     ws, cnt = _WORKSPACES.get(key, (None, None))
-    tiles = triton.cdiv(n, 16) * triton.cdiv(m, 16)  # the smallest BLOCK_N / BLOCK_M of any configuration
+    tiles = triton.cdiv(n, MIN_BLOCK_N) * triton.cdiv(m, 16)  # counters for the smallest tiles (BLOCK_M >= 16)
     if ws is None or ws.numel() < m * n or cnt.numel() < tiles:
         if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the split-K workspace must grow during CUDA-graph capture: run the step once "
@@ -510,6 +511,8 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
         else:
             bn, words, sk, warps, pf = gemv_config or (32, 32, 2, 4, True)
             sl = _slices(p.bits, p.group_size, p.k, words)
+            if bn < MIN_BLOCK_N:
+                raise ValueError(f"BLOCK_N={bn} is below {MIN_BLOCK_N}, the narrowest tile the split-K counters cover")
             if sl is None:
                 raise ValueError(f"a GEMV step of {words} words does not tile groups of {p.group_size}")
             _gemv_kernel[(triton.cdiv(p.n, bn), sk)](*gargs, **gconsts, BLOCK_N=bn, NG=sl[0], WPG=sl[1], SPLIT_K=sk,
@@ -528,4 +531,3 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
         grid = (triton.cdiv(p.n, bn), sk, triton.cdiv(m, bm))
         _wa16_kernel[grid](*args, **consts, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=warps, num_stages=stages)
     return out.reshape(*lead, p.n)
-

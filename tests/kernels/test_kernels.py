@@ -146,7 +146,8 @@ _INTERP = textwrap.dedent("""
         for dt in (torch.float32, torch.float16):
             p = layout.pack(q, dt)
             for m, cfg, gcfg in ((1, None, (32, 32, 2, 4, True)), (1, None, (16, 64, 1, 4, False)),
-                                 (1, None, (16, 8, 3, 4, True)), (1, (32, 64, 2, 4, 2), None),
+                                 (1, None, (16, 8, 3, 4, True)), (1, None, (8, 8, 3, 4, True)),
+                                 (1, (32, 64, 2, 4, 2), None),
                                  (5, (64, 32, 1, 4, 2), None), (19, (32, 128, 3, 4, 2), None), (70, (16, 64, 3, 4, 2), None),
                                  (9, None, None), (100, None, None)):
                 x = torch.randn(m, k, generator=g)
@@ -163,6 +164,12 @@ _INTERP = textwrap.dedent("""
     from llmpress.kernels.triton_wa16 import _WORKSPACES
     for ws, cnt in _WORKSPACES.values():  # split-K leaves its workspace and counters zeroed
         assert not ws.any() and not cnt.any()
+    try:  # tiles narrower than the split-K counters cover are refused
+        matmul(torch.randn(1, 256), layout.pack(rtn(torch.randn(16, 256), QuantScheme(4, True, "group", 64))),
+               gemv_config=(4, 8, 2, 4, True))
+        raise SystemExit("a 4-column GEMV tile was accepted")
+    except ValueError as e:
+        assert "narrowest tile" in str(e), e
     print("OK", worst)
 """)
 
