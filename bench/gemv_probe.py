@@ -10,6 +10,7 @@ configurations are the autotuner's list (``_GEMV_CONFIGS``).
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import sys
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import SHAPES, copy_ceiling, graph_time, make_qw  # noqa: E402
+from kernels import SHAPES, copy_ceiling, graph_time, make_q, make_qw  # noqa: E402
 
 from llmpress.kernels import layout  # noqa: E402
 from llmpress.kernels import triton_wa16 as tw  # noqa: E402
@@ -30,9 +31,15 @@ from llmpress.quant import nf4  # noqa: E402
 from llmpress.quant.primitives import QuantScheme  # noqa: E402
 
 
-def configs(quick: bool) -> list[tuple]:
-    """(BLOCK_N, words per step, SPLIT_K, warps, prefetch), at most 32 words per thread."""
+def configs(quick: bool, wide: bool = False) -> list[tuple]:
+    """(BLOCK_N, words per step, SPLIT_K, warps, prefetch), at most 32 words per thread; ``wide``:
+    prefetching tiles of 8-128 columns only."""
     out = []
+    if wide:
+        for bn, wd, sk, w in itertools.product((8, 16, 32, 64, 128), (32, 64, 128), (1, 2, 4), (4, 8)):
+            if bn * wd <= 32 * 32 * w:
+                out.append((bn, wd, sk, w, True))
+        return out
     words = (32, 64, 128) if not quick else (32, 64)
     for bn, wd, sk, w, pf in itertools.product((8, 16, 32, 64), words, (1, 2, 4, 8, 16), (4, 8), (False, True)):
         if bn * wd <= 32 * 32 * w and not (quick and w == 8):
@@ -40,18 +47,18 @@ def configs(quick: bool) -> list[tuple]:
     return out
 
 
-def check(dev) -> tuple[int, int, float]:
+def check(dev, cases: int = 36) -> tuple[int, int, float]:
     g = torch.Generator().manual_seed(1)
     worst, n_ok, n_all = 0.0, 0, 0
     schemes = [QuantScheme(4, True, "group", 128), QuantScheme(4, False, "group", 64), QuantScheme(8, True, "channel"),
-               QuantScheme(3, False, "group", 64), QuantScheme(4, True, "channel"), "nf4"]
-    for i in range(36):
+               QuantScheme(3, False, "group", 64), QuantScheme(4, True, "channel"), "nf4", "hqq"]
+    for i in range(cases):
         sch = schemes[i % len(schemes)]
-        gs = 64 if sch == "nf4" else (sch.group_size if sch.strategy == "group" else 8)
+        gs = 64 if isinstance(sch, str) else (sch.group_size if sch.strategy == "group" else 8)
         n = int(torch.randint(1, 60, (1,), generator=g)) * 37 + int(torch.randint(0, 16, (1,), generator=g))
         k = gs * int(torch.randint(1, 48, (1,), generator=g)) if gs > 8 else 8 * int(torch.randint(3, 700, (1,), generator=g))
         w = torch.randn(n, k, generator=g)
-        q = nf4.quantize_4bit(w, "nf4", 64, True) if sch == "nf4" else make_qw(w, sch)
+        q = make_q(w, sch)
         p = layout.pack(q, torch.bfloat16).to(dev)
         x = torch.randn(1, k, generator=g).to(dev, torch.bfloat16)
         b = torch.randn(n, generator=g).to(dev, torch.bfloat16) if i % 2 else None
@@ -66,7 +73,7 @@ def check(dev) -> tuple[int, int, float]:
             good = bool(torch.isfinite(y).all()) and err < 1e-2
             n_ok += good
             if not good:
-                print("  FAIL", sch if sch == "nf4" else sch.describe(), n, k, cfg, err, flush=True)
+                print("  FAIL", sch if isinstance(sch, str) else sch.describe(), n, k, cfg, err, flush=True)
     return n_ok, n_all, worst
 
 
@@ -75,12 +82,20 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--schemes", default="w4g128sym,w4g128asym")
+    ap.add_argument("--wide", action="store_true", help="the wide-tile configuration set")
+    ap.add_argument("--module", default="llmpress.kernels.triton_wa16",
+                    help="module with the kernel to sweep (e.g. a saved earlier version, for a same-run comparison)")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--checks", type=int, default=36, help="random shapes in the correctness check")
+    ap.add_argument("--no-sweep", action="store_true", help="only the autotuned path (and bf16)")
     a = ap.parse_args()
+    global tw
+    tw = importlib.import_module(a.module)
     dev = torch.device("cuda")
     ceil = copy_ceiling(dev)
     print(f"copy ceiling {ceil / 1e12:.2f} TB/s on {torch.cuda.get_device_name()}", flush=True)
     t0 = time.time()
-    n_ok, n_all, worst = check(dev)
+    n_ok, n_all, worst = check(dev, a.checks)
     print(f"gemv correctness: {n_ok}/{n_all} within 1e-2 (worst {worst:.2e}) [{time.time() - t0:.0f}s]", flush=True)
     schemes = {"w4g128sym": QuantScheme(4, True, "group", 128), "w4g128asym": QuantScheme(4, False, "group", 128),
                "w8ch": QuantScheme(8, True, "channel"), "nf4": "nf4"}
@@ -101,7 +116,7 @@ def main() -> None:
             tw.matmul(x, ps[0])
             t_auto = graph_time([lambda P=P: tw.matmul(x, P) for P in ps])
             best = None
-            for cfg in configs(a.quick):
+            for cfg in ([] if a.no_sweep else configs(a.quick, a.wide)):
                 if tw._slices(p.bits, p.group_size, p.k, cfg[1]) is None:
                     continue
                 try:
@@ -126,8 +141,8 @@ def main() -> None:
                          "us": t_auto * 1e6, "pct_copy_ceiling": 100 * p.nbytes / t_auto / ceil,
                          "speedup_vs_bf16": t_bf / t_auto})
             Path(a.out).mkdir(parents=True, exist_ok=True)
-            (Path(a.out) / "gemv-probe.json").write_text(json.dumps(
-                {"device": torch.cuda.get_device_name(), "copy_ceiling_tb_s": ceil / 1e12,
+            (Path(a.out) / f"gemv-probe{a.tag}.json").write_text(json.dumps(
+                {"device": torch.cuda.get_device_name(), "copy_ceiling_tb_s": ceil / 1e12, "module": a.module,
                  "check": [n_ok, n_all, worst], "rows": rows}))
     for (shape, sname), grp in itertools.groupby(sorted((r for r in rows if r["kernel"] == "gemv"),
                                                         key=lambda r: (r["shape"], r["scheme"], r["us"])),

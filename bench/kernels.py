@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmpress.kernels import layout  # noqa: E402
 from llmpress.quant import nf4  # noqa: E402
 from llmpress.quant.primitives import QuantizedWeight, QuantScheme  # noqa: E402
+from llmpress.quant.hqq import HQQConfig, hqq  # noqa: E402
 from llmpress.quant.rtn import rtn  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N out, K in): square, up/gate, down
@@ -40,6 +41,16 @@ def make_qw(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     qw = rtn(w, scheme)
     qw.scale = qw.scale.to(torch.bfloat16)
     return qw
+
+
+def make_q(w: torch.Tensor, scheme: QuantScheme | str):
+    """A weight for the checks: RTN for a scheme, "nf4" (block 64), or "hqq" (4-bit g64 with
+    float zero points, the ``w4a16-hqq`` preset's form)."""
+    if scheme == "nf4":
+        return nf4.quantize_4bit(w, "nf4", 64, True)
+    if scheme == "hqq":
+        return hqq(w, QuantScheme(4, False, "group", 64), HQQConfig(int_zero=False))
+    return make_qw(w, scheme)
 
 
 def copy_ceiling(dev) -> float:
@@ -94,18 +105,18 @@ def check(dev, n_cases: int = 40, seed: int = 0) -> list[dict]:
                QuantScheme(4, False, "group", 64), QuantScheme(4, True, "channel"), QuantScheme(8, True, "channel"),
                QuantScheme(8, False, "group", 128), QuantScheme(3, False, "group", 64), QuantScheme(2, False, "group", 64),
                QuantScheme(4, False, "group", 256),
-               "nf4"]
+               "nf4", "hqq"]
     rows = []
     for i in range(n_cases):
         sch = schemes[i % len(schemes)]
-        gs = 64 if sch == "nf4" else (sch.group_size if sch.strategy == "group" else 8)
+        gs = 64 if isinstance(sch, str) else (sch.group_size if sch.strategy == "group" else 8)
         n = int(torch.randint(1, 40, (1,), generator=g)) * 37 + int(torch.randint(0, 16, (1,), generator=g))
         k = gs * int(torch.randint(1, 48, (1,), generator=g)) if gs > 8 else 8 * int(torch.randint(3, 700, (1,), generator=g))
         m = (int(torch.randint(1, 200, (1,), generator=g)) if i % 3 == 0 else 1 if i % 3 == 1
              else int(torch.randint(2, 17, (1,), generator=g)))
         w = torch.randn(n, k, generator=g)
-        q = nf4.quantize_4bit(w, "nf4", 64, True) if sch == "nf4" else make_qw(w, sch)
-        desc = "nf4 b64" if sch == "nf4" else sch.describe()
+        q = make_q(w, sch)
+        desc = {"nf4": "nf4 b64", "hqq": "hqq int4 g64 float zero"}[sch] if isinstance(sch, str) else sch.describe()
         p = layout.pack(q, torch.bfloat16).to(dev)
         x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
         b = torch.randn(n, generator=g).to(dev, torch.bfloat16) if i % 2 else None

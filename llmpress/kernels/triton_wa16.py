@@ -102,19 +102,29 @@ def _wa16_kernel(
 
 @triton.jit
 def _gemv_loads(qrow, S, Z, srow, k, rw, n_ok, KW, G, GS, PER: tl.constexpr, WPG: tl.constexpr, NG: tl.constexpr,
-                HAS_LUT: tl.constexpr):
+                HAS_LUT: tl.constexpr, EVEN: tl.constexpr):
     """One GEMV step's packed words [BLOCK_N, NG, WPG] from code k on, and its slices' scales
-    and zero points [BLOCK_N, NG] (the scales stand in for the zero points of a code book)."""
+    and zero points [BLOCK_N, NG] (the scales stand in for the zero points of a code book).
+    EVEN: the tile's columns all exist and every step lies inside K (no masks)."""
     wi = k // PER + rw
-    p = tl.load(qrow + wi[None, :, :], mask=n_ok[:, None, None] & (wi < KW)[None, :, :], other=0)
     kg = (k + tl.arange(0, NG) * (WPG * PER)) // GS  # group of each slice
-    sm = n_ok[:, None] & (kg < G)[None, :]
-    s = tl.load(S + srow + kg[None, :], mask=sm, other=0.0)
-    if HAS_LUT:
-        z = s
+    if EVEN:
+        p = tl.load(qrow + wi[None, :, :])
+        s = tl.load(S + srow + kg[None, :])
+        z = s if HAS_LUT else tl.load(Z + srow + kg[None, :])
     else:
-        z = tl.load(Z + srow + kg[None, :], mask=sm, other=0.0)
+        p = tl.load(qrow + wi[None, :, :], mask=n_ok[:, None, None] & (wi < KW)[None, :, :], other=0)
+        sm = n_ok[:, None] & (kg < G)[None, :]
+        s = tl.load(S + srow + kg[None, :], mask=sm, other=0.0)
+        z = s if HAS_LUT else tl.load(Z + srow + kg[None, :], mask=sm, other=0.0)
     return p, s, z
+
+
+@triton.jit
+def _x_at(X, kx, K, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(X + kx).to(tl.float32)
+    return tl.load(X + kx, mask=kx < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -145,20 +155,25 @@ def _store_row(acc, offs_n, n_ok, B, O, WS, CNT, pid_n, SPLIT_K: tl.constexpr, H
 def _gemv_kernel(
     X, QW, S, Z, LUT, B, O, WS, CNT,
     N, K, KW, G, GS,
-    stride_qn, stride_sn,
+    stride_qn, stride_sn, code_mask,
     BITS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr, SPLIT_K: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, EVEN: tl.constexpr,
 ):
     """M = 1 (decode), without reshapes: a step loads a [BLOCK_N, NG, WPG] tile of packed words
     (each column's words are contiguous along K: 16-byte vector loads; NG slices of WPG words,
     each slice inside one group). For each of the PER code positions j of a word it multiplies
-    the codes at j by x[k + j] (a strided load of x, from L1). Integer codes become floats by
-    OR-ing them into the mantissa of 2^23; subtracting 2^23 + zero gives u - z exactly, so a
-    code costs a shift, a LOP3, an FADD and an FFMA (an int-to-float conversion runs at a
-    quarter of that rate). The group scale is applied once per word after the PER positions
-    are summed, the reduction over the tile once at the end. With PREFETCH the next step's
-    words and group parameters load while this step computes."""
+    the codes at j by x[k + j] (a strided load of x, from L1).
+
+    Integer codes become floats without a shift or an int-to-float conversion (which runs at a
+    quarter of the FMA rate): code j of the low half-word (of the word shifted by 16 for the
+    high half) is masked in place and OR-ed into the mantissa of 2^23, giving
+    2^23 + u * 2^(BITS * j) exactly; minus 2^23, times x / 2^(BITS * j) (exact: a power of
+    two), it adds u * x. One code costs a LOP3 (the mask is a runtime value so that mask and OR
+    fuse into one), an FADD and an FFMA. The zero point is kept apart, exact even when it is a
+    float (HQQ): per word, s * (sum_j u_j x_j - z * sum_j x_j). The reduction over the tile
+    runs once at the end. With PREFETCH the next step's words and group parameters load while
+    this step computes; EVEN (whole tiles and steps) drops every mask."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
@@ -168,30 +183,41 @@ def _gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     rw = tl.arange(0, NG)[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [NG, WPG] words of a step
+    kw = rw * PER  # k of each word's first code
     qrow = QW + offs_n[:, None, None] * stride_qn
     srow = offs_n[:, None] * stride_sn
     acc = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
     k_first = pid_k * BLOCK_K
-    p_nx, s_nx, z_nx = _gemv_loads(qrow, S, Z, srow, k_first, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT)
+    p_nx, s_nx, z_nx = _gemv_loads(qrow, S, Z, srow, k_first, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT, EVEN)
     for k0 in range(k_first, K, STEP):
+        # the step after this one; the last step re-reads itself (no load past the end without masks)
+        k_nx = tl.where(k0 + STEP < K, k0 + STEP, k0) if EVEN else k0 + STEP
         p = p_nx
         s = s_nx.to(tl.float32)
-        z = z_nx.to(tl.float32) + 8388608.0
+        z = z_nx.to(tl.float32)
         if PREFETCH:
-            p_nx, s_nx, z_nx = _gemv_loads(qrow, S, Z, srow, k0 + STEP, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT)
-        kx = k0 + rw * PER
+            p_nx, s_nx, z_nx = _gemv_loads(qrow, S, Z, srow, k_nx, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT, EVEN)
         t = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
-        for j in tl.static_range(PER):
-            xj = tl.load(X + kx + j, mask=(kx + j) < K, other=0.0).to(tl.float32)  # [NG, WPG]
-            u = (p >> (j * BITS)) & MASK
-            if HAS_LUT:
-                v = tl.load(LUT + u)
-            else:
-                v = (u | 0x4B000000).to(tl.float32, bitcast=True) - z[:, :, None]
-            t += v * xj[None, :, :]
-        acc += t * s[:, :, None]
+        if HAS_LUT:
+            for j in tl.static_range(PER):
+                xj = _x_at(X, k0 + kw + j, K, EVEN)  # [NG, WPG]
+                t += tl.load(LUT + ((p >> (j * BITS)) & MASK)) * xj[None, :, :]
+            acc += t * s[:, :, None]
+        else:
+            xs = tl.zeros((NG, WPG), dtype=tl.float32)  # sum of x over each word's codes
+            hi = p >> 16
+            for j in tl.static_range(PER):
+                xj = _x_at(X, k0 + kw + j, K, EVEN)  # [NG, WPG]
+                xs += xj
+                # code j in place (no shift): its bits OR-ed into the mantissa of 2^23 give
+                # 2^23 + u * 2^(BITS * jj) exactly, so u * x = (that - 2^23) * (x / 2^(BITS * jj))
+                jj = j % (PER // 2)
+                src = p if j < PER // 2 else hi
+                v = ((src & (code_mask << (jj * BITS))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                t += v * (xj * (1.0 / (1 << (jj * BITS))))[None, :, :]
+            acc += (t - z[:, :, None] * xs[None, :, :]) * s[:, :, None]
         if not PREFETCH:
-            p_nx, s_nx, z_nx = _gemv_loads(qrow, S, Z, srow, k0 + STEP, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT)
+            p_nx, s_nx, z_nx = _gemv_loads(qrow, S, Z, srow, k_nx, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT, EVEN)
     acc1 = tl.sum(tl.sum(acc, axis=2), axis=1)
     _store_row(acc1, offs_n, n_ok, B, O, WS, CNT, pid_n, SPLIT_K, HAS_BIAS)
 
@@ -337,11 +363,12 @@ except TypeError:  # a Triton without these arguments
     _tuned = triton.autotune(**_AUTOTUNE)(_wa16_kernel)
 
 # GEMV (M = 1): (BLOCK_N, words per step, SPLIT_K, num_warps, prefetch) — the fastest of a sweep
-# of 230 configurations on an H100 at 4096x4096, 14336x4096 and 4096x14336, W4 g128
-# (bench/gemv_probe.py); a step's words split into slices of at most 16 words inside one group.
+# of 78 prefetching configurations on an H100 at 4096x4096, 14336x4096 and 4096x14336, W4 g128
+# and W8 per channel (bench/gemv_probe.py --wide), plus two split-K ones for narrow layers
+# (few column tiles); a step's words split into slices of at most 16 words inside one group.
 _GEMV_CONFIGS = [
-    (16, 128, 1, 8, False), (16, 64, 1, 4, True), (32, 128, 1, 8, True), (64, 64, 1, 8, True),
-    (64, 64, 1, 4, True), (64, 64, 4, 8, True), (64, 32, 8, 4, True), (64, 64, 4, 4, True), (32, 32, 4, 4, True),
+    (8, 128, 1, 8, True), (16, 128, 1, 4, True), (16, 128, 1, 8, True), (16, 64, 1, 4, True), (16, 128, 2, 4, True),
+    (32, 128, 2, 4, True), (32, 64, 1, 4, True), (64, 32, 4, 8, True), (16, 64, 4, 4, True), (32, 32, 8, 4, True),
 ]
 
 
@@ -372,6 +399,14 @@ def _prune_gemv(configs, named_args, **kwargs):
     return out
 
 
+def _even(a: dict) -> bool:
+    """No masks needed: whole column tiles, whole steps, and a first step for every K split."""
+    bk = a["NG"] * a["WPG"] * (32 // a["BITS"])
+    return a["N"] % a["BLOCK_N"] == 0 and a["K"] % bk == 0 and a["K"] >= a["SPLIT_K"] * bk
+
+
+_gemv_even = triton.heuristics({"EVEN": _even})(_gemv_kernel)
+
 _GEMV_AUTOTUNE = dict(
     configs=[triton.Config({"BLOCK_N": n, "WORDS": w, "SPLIT_K": s, "PREFETCH": pf}, num_warps=wp, num_stages=1)
              for n, w, s, wp, pf in _GEMV_CONFIGS],
@@ -379,9 +414,9 @@ _GEMV_AUTOTUNE = dict(
     prune_configs_by={"early_config_prune": _prune_gemv},
 )
 try:
-    _gemv_tuned = triton.autotune(**_GEMV_AUTOTUNE, warmup=5, rep=20)(_gemv_kernel)
+    _gemv_tuned = triton.autotune(**_GEMV_AUTOTUNE, warmup=5, rep=20)(_gemv_even)
 except TypeError:
-    _gemv_tuned = triton.autotune(**_GEMV_AUTOTUNE)(_gemv_kernel)
+    _gemv_tuned = triton.autotune(**_GEMV_AUTOTUNE)(_gemv_even)
 
 
 def gemv_ok(bits: int, group_size: int, k: int) -> bool:
@@ -503,7 +538,7 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
         table = p.lut if p.lut is not None else p.scale
         gs = p.group_size if p.group_size < p.k else p.qw.shape[1] * p.per_word  # per channel: one group
         gargs = (x2, p.qw, p.scale, zero, table, b, out, ws, cnt, p.n, p.k, p.qw.shape[1], p.scale.shape[1], gs,
-                 p.qw.stride(0), p.scale.stride(0))
+                 p.qw.stride(0), p.scale.stride(0), (1 << p.bits) - 1)
         gconsts = dict(BITS=p.bits, HAS_LUT=p.lut is not None, HAS_BIAS=bias is not None)
         if gemv_config is None and not INTERPRET:
             grid = lambda meta: (triton.cdiv(p.n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
@@ -515,8 +550,8 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
                 raise ValueError(f"BLOCK_N={bn} is below {MIN_BLOCK_N}, the narrowest tile the split-K counters cover")
             if sl is None:
                 raise ValueError(f"a GEMV step of {words} words does not tile groups of {p.group_size}")
-            _gemv_kernel[(triton.cdiv(p.n, bn), sk)](*gargs, **gconsts, BLOCK_N=bn, NG=sl[0], WPG=sl[1], SPLIT_K=sk,
-                                                     PREFETCH=bool(pf), num_warps=warps, num_stages=1)
+            _gemv_even[(triton.cdiv(p.n, bn), sk)](*gargs, **gconsts, BLOCK_N=bn, NG=sl[0], WPG=sl[1], SPLIT_K=sk,
+                                                   PREFETCH=bool(pf), num_warps=warps, num_stages=1)
         return out.reshape(*lead, p.n)
     args = (x2, p.qw, p.scale, zero, lut, b, out, ws, cnt, m, p.n, p.k, p.group_size, x2.stride(0), out.stride(0),
             p.qw.stride(0), p.scale.stride(0))

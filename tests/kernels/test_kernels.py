@@ -133,11 +133,16 @@ _INTERP = textwrap.dedent("""
              (QuantScheme(4, False, "group", 32), 40, 160), (QuantScheme(8, True, "channel"), 72, 200),
              (QuantScheme(8, False, "group", 64), 33, 192), (QuantScheme(3, False, "group", 32), 64, 256),
              (QuantScheme(2, False, "group", 32), 24, 128), (QuantScheme(4, False, "group", 256), 40, 512),
-             ("nf4", 80, 256), ("fp4", 48, 128)]
+             ("nf4", 80, 256), ("fp4", 48, 128), ("hqq", 64, 256)]
     worst = 0.0
     for sch, n, k in cases:
         w = torch.randn(n, k, generator=g)
-        if isinstance(sch, str):
+        if sch == "hqq":  # float zero points (the w4a16-hqq preset): the M = 1 kernel once rounded them
+            from llmpress.quant.hqq import HQQConfig, hqq
+            q = hqq(w, QuantScheme(4, False, "group", 64), HQQConfig(int_zero=False))
+            assert (q.zero != q.zero.round()).any()
+            W = q.dequantize()
+        elif isinstance(sch, str):
             q = nf4.quantize_4bit(w, sch, 64, True)
             W = q.dequantize().float()
         else:
