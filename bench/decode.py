@@ -92,8 +92,8 @@ def eager_tps(model, ids, new: int, reps: int = 2) -> float:
     return new / statistics.median(ts)  # whole call, prefill included (small next to decode here)
 
 
-def runtime_row(model, ids, new: int, reps: int = 3) -> dict:
-    rt = Runtime(model, max_len=ids.shape[1] + new + 8)
+def runtime_row(model, ids, new: int, reps: int = 3, compile: bool = False) -> dict:
+    rt = Runtime(model, max_len=ids.shape[1] + new + 8, compile=compile)
     rt.generate(ids, 8)
     runs = [rt.generate(ids, new)[1] for _ in range(reps)]
     ref = runs[0]
@@ -125,10 +125,14 @@ def gpu(args) -> dict:
     with torch.inference_mode():
         add("transformers eager bf16", {"tokens_per_s": eager_tps(model, ids, args.eager_tokens)}, wb)
         add("llmpress runtime bf16", runtime_row(model, ids, args.new), wb)
+        if args.compile:
+            add("llmpress runtime bf16 compiled", runtime_row(model, ids, args.new, compile=True), wb)
         # 4-bit: our layers built from the same weights
         q = to_w4(random_model(cfg, dev))
         # same random weights as `model` (same generator seed), quantized
         add("llmpress runtime w4a16 g128", runtime_row(q, ids, args.new), weight_bytes(q))
+        if args.compile:
+            add("llmpress runtime w4a16 g128 compiled", runtime_row(q, ids, args.new, compile=True), weight_bytes(q))
         del q
         gc.collect()
         torch.cuda.empty_cache()
@@ -146,6 +150,13 @@ def gpu(args) -> dict:
                "w4_vs_eager_bf16": by["llmpress runtime w4a16 g128"] / by["transformers eager bf16"]}
     if "transformers eager + torchao int4" in by:
         summary["w4_vs_torchao_eager"] = by["llmpress runtime w4a16 g128"] / by["transformers eager + torchao int4"]
+    if "llmpress runtime bf16 compiled" in by:
+        lim = next(r["bandwidth_limit_tokens_per_s"] for r in rows if r["runtime"] == "llmpress runtime bf16")
+        summary["compiled_bf16_pct_of_limit"] = 100 * by["llmpress runtime bf16 compiled"] / lim
+        summary["compiled_w4_vs_compiled_bf16"] = by["llmpress runtime w4a16 g128 compiled"] / by["llmpress runtime bf16 compiled"]
+        if "transformers eager + torchao int4" in by:
+            summary["compiled_w4_vs_torchao_eager"] = (by["llmpress runtime w4a16 g128 compiled"]
+                                                       / by["transformers eager + torchao int4"])
     return {"device": torch.cuda.get_device_name(), "copy_ceiling_tb_s": ceil / 1e12, "rows": rows, "summary": summary}
 
 
@@ -195,6 +206,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--eager-tokens", type=int, default=64)
     ap.add_argument("--spec", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also the runtime with the decode step through torch.compile")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--n-prompts", type=int, default=8)

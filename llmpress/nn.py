@@ -34,6 +34,13 @@ class CompressedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and getattr(self, "_op_handle", None) is not None:
+            # under torch.compile (Runtime(compile=True)): one opaque op, no graph break
+            return torch.ops.llmpress.compressed_linear(x, self._op_handle)
+        return self.forward_eager(x)
+
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward outside the compiler: a kernel where one applies, else the reference."""
         if x.is_cuda or x.dtype == torch.bfloat16:
             y = kernels.linear(self, x)
             if y is not None:

@@ -66,10 +66,20 @@ class Runtime:
     >>> ids, stats = rt.generate(prompt_ids, 128, temperature=0.7, top_k=50)  # sampled in the graph
     """
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, cuda_graph: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, max_len: int = 2048, cuda_graph: bool | None = None,
+                 compile: bool = False) -> None:
         from transformers import StaticCache
 
         self.model = model.eval()
+        # the decode step's forward through torch.compile (its norms, rotary embedding and
+        # activations fused into a few kernels; the quantized matmuls stay our own kernels,
+        # opaque to the compiler); prefill keeps the eager model (prompts vary in length)
+        self._step_model = self.model
+        if compile:
+            from llmpress.kernels import make_opaque
+
+            make_opaque(self.model)
+            self._step_model = torch.compile(self.model, dynamic=False, fullgraph=False)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.max_len = int(max_len)
@@ -119,11 +129,12 @@ class Runtime:
             elif cl is not None:
                 layer.cumulative_length = n
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, keep: int = 1) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, keep: int = 1, model: nn.Module | None = None) -> torch.Tensor:
         """Logits [1, T', V] of ``ids`` [1, T] at positions ``pos`` [1, T], appending to the cache;
         only the last ``keep`` positions' logits (all with 0)."""
-        out = self.model(input_ids=ids, position_ids=pos, attention_mask=self._mask(pos[0]),
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+        fwd = self.model if model is None else model
+        out = fwd(input_ids=ids, position_ids=pos, attention_mask=self._mask(pos[0]),
+                  past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
         return out.logits
 
     def _sample(self, logits: torch.Tensor, top_k: int | None, top_p: float | None, greedy: bool) -> torch.Tensor:
@@ -144,7 +155,7 @@ class Runtime:
         return (x + g).argmax(-1, keepdim=True)
 
     def _step(self, top_k, top_p, greedy) -> None:
-        logits = self._forward(self._tok, self._pos)[:, -1]
+        logits = self._forward(self._tok, self._pos, model=self._step_model)[:, -1]
         self._tok.copy_(self._sample(logits, top_k, top_p, greedy))
         self._pos.add_(1)
 

@@ -97,3 +97,33 @@ def test_cli_generate_and_bench_speed(tiny_dir, tmp_path, capsys):
         assert "no CUDA GPU" in capsys.readouterr().err
     assert main(["generate", str(tiny_dir), "-p", "x", "--chat"]) == 2
     assert "chat template" in capsys.readouterr().err
+
+
+def test_compiled_decode_step_matches_eager():
+    """Runtime(compile=True): the decode step through torch.compile gives the eager runtime's
+    greedy tokens, dense and with int4 layers (opaque ops: no graph break, no per-block recompile)."""
+    import torch._dynamo
+
+    from llmpress.kernels import make_opaque
+    from llmpress.nn import QuantLinear
+    from llmpress.quant.primitives import QuantScheme
+    from llmpress.quant.rtn import rtn
+
+    torch.manual_seed(0)
+    m = tiny_model("llama").to(torch.bfloat16)
+    ids = _ids()
+    want, _ = Runtime(m, max_len=40).generate(ids, 12)
+    got, _ = Runtime(m, max_len=40, compile=True).generate(ids, 12)
+    assert torch.equal(got, want)
+    for name, mod in list(m.named_modules()):
+        for cn, c in list(mod.named_children()):
+            if isinstance(c, torch.nn.Linear) and ".layers." in f".{name}.":
+                qw = rtn(c.weight.detach().float(), QuantScheme(4, True, "group", 32))
+                qw.scale = qw.scale.to(torch.bfloat16)
+                setattr(mod, cn, QuantLinear(qw, c.bias))
+    assert make_opaque(m) > 0
+    torch._dynamo.reset()
+    want, _ = Runtime(m, max_len=40).generate(ids, 12)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph for every block, not one per block
+        got, _ = Runtime(m, max_len=40, compile=True).generate(ids, 12)
+    assert torch.equal(got, want)

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -118,6 +119,35 @@ def _cpu_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None
     return None if isinstance(p, UnsupportedLayout) else cpu.matmul(x, p, module.bias)
 
 
+_OPAQUE: dict[int, weakref.ref] = {}
+
+
+def make_opaque(model: torch.nn.Module) -> int:
+    """Let torch.compile treat every compressed linear of ``model`` as one opaque op
+    (``llmpress::compressed_linear``) instead of breaking its graph there (which also makes it
+    recompile the code after the break once per block). Returns the number of layers."""
+    from llmpress.nn import CompressedLinear
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, CompressedLinear):
+            _OPAQUE[id(m)] = weakref.ref(m)
+            m._op_handle = id(m)
+            n += 1
+    return n
+
+
+@torch.library.custom_op("llmpress::compressed_linear", mutates_args=())
+def _compressed_linear(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return _OPAQUE[handle]().forward_eager(x)
+
+
+@_compressed_linear.register_fake
+def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], _OPAQUE[handle]().out_features)
+
+
+@torch.compiler.disable  # never traced (Triton autotuning, cached packs): see make_opaque
 def linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """y = module(x) through a kernel, or None where the reference path must run. On the CPU,
     bf16 inputs to int4 / int8 layers go through PyTorch's CPU kernels (float32 inputs keep
