@@ -42,6 +42,7 @@ W8A8_NOSMOOTH = {"name": "int8-w8a8-gptq-nosmooth", "steps": [{
 ROWS: dict[str, tuple] = {
     "rtn-w4-g64": ("w4a16-rtn", {}),
     "awq-w4-g64": ("w4a16-awq", {}),
+    "awq-w4-g64-asym": ("w4a16-awq", {"symmetric": False}),  # llmcompressor's AWQ scheme (zero points)
     "gptq-w4-g64": ("w4a16-gptq", {}),
     "awq-gptq-w4-g64": ("w4a16-awq-gptq", {}),
     "rtn-w3-g64": ("w3a16-rtn", {}),
@@ -65,7 +66,7 @@ PAIRS = {
     "gptqmodel-gptq-w4-g64": "gptq-w4-g64", "gptqmodel-gptq-w3-g64": "gptq-w3-g64",
     "bnb-nf4-b64-dq": "nf4-b64-dq", "bnb-fp4-b64-dq": "fp4-b64-dq",
     "lc-rtn-w4-g64": "rtn-w4-g64", "lc-gptq-w4-g64": "gptq-w4-g64", "lc-gptq-w3-g64": "gptq-w3-g64",
-    "lc-awq-w4-g64": "awq-w4-g64", "lc-smoothquant-gptq-w8a8": "int8-w8a8-smoothquant-gptq",
+    "lc-awq-w4-g64": "awq-w4-g64-asym", "lc-smoothquant-gptq-w8a8": "int8-w8a8-smoothquant-gptq",
     "lc-fp8-dynamic": "fp8-w8a8-dynamic",
 }
 

@@ -55,6 +55,18 @@ def recipes():
     }
 
 
+def _cpu_without_pinning() -> None:
+    """llmcompressor's AWQ pins its cached activations before each scale search (a host-to-device
+    transfer optimisation); on a machine without an accelerator torch refuses to pin ("Cannot
+    access accelerator device when none is available"), so AWQ fails on CPU. Pinning does not
+    change any value: there, the cache keeps its ordinary CPU tensors."""
+    if torch.accelerator.is_available():
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
+
 def main() -> None:
     import llmcompressor
     from datasets import Dataset
@@ -64,6 +76,7 @@ def main() -> None:
 
     out, calib = Path(sys.argv[1]), load_file(sys.argv[2])["tokens"]
     want = sys.argv[3].split(",") if len(sys.argv) > 3 else None
+    _cpu_without_pinning()
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     for name, (method, bits, recipe) in recipes().items():
         if want and name not in want:
