@@ -34,7 +34,8 @@ class HQQConfig:
     shrink: tuple[float, ...] = (1.0,)  # range shrink factors (1.0: min-max): each group starts from the one
     # whose plain rounding has the lowest l_p error, then the zero point is optimised once
     early_stop: bool = True  # stop at the first step that does not lower the tensor's mean |error| (the
-    # reference's default), keeping the best zero; False runs every step and keeps each group's best
+    # reference's default), keeping the zero point that step computed, as the reference does; False
+    # runs every step and keeps each group's best
 
     def __post_init__(self) -> None:
         if not 0 < self.lp_norm <= 1:
@@ -61,9 +62,8 @@ def _solve_zero(g: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: fl
         d = g - (q - zero).div_(inv)  # the weight's error at this zero point
         if cfg.early_stop:  # the reference: stop when the tensor's mean |error| stops falling
             err = float(d.abs().mean())
-            if not err < best:
-                break
-            best, best_zero = err, zero
+            stop = not err < best
+            best = min(best, err)
         else:  # keep each group's best iterate
             err = d.abs().mean(-1, keepdim=True)
             if best_err is None:
@@ -74,6 +74,8 @@ def _solve_zero(g: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: fl
         we = _shrink_lp(d, beta, cfg.lp_norm)
         zero = torch.mean(q.sub_((g - we).mul_(inv)), dim=-1, keepdim=True)
         beta *= cfg.kappa
+        if cfg.early_stop and stop:
+            break  # as the reference does: keep the zero point this last step computed
     return zero if best_zero is None else best_zero
 
 

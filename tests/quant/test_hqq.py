@@ -110,3 +110,4 @@ def test_range_shrink_fits_two_bit_weights_better():
         lp.recipe("w4a16-hqq", range_shrink=[1.0, 1.5])
     with pytest.raises(RecipeError, match="applies to method 'hqq' only"):
         lp.recipe("w4a16-gptq", range_shrink=[1.0, 0.8])
+
