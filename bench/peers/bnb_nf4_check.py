@@ -11,7 +11,9 @@ dequantized weights exactly; and checks that bitsandbytes dequantizes *our* stor
 exactly our weights. bitsandbytes has two CPU kernels for the 8-bit absmax codes: its native
 library (an approximate binary search) and its pure-torch kernel (nearest code, as ours). Both
 are run: the torch-kernel run must match everywhere; for the native one the agreement of the
-8-bit absmax codes is reported. Writes bench/results/bnb-nf4-check.json.
+8-bit absmax codes is reported. Writes bench/results/bnb-nf4-check.json. With ``--cuda`` (on a
+GPU machine, bitsandbytes' CUDA kernels quantize; ``LLMPRESS_REAL_LAYERS`` may name a
+safetensors file of real layers) it writes ``$OUT/bnb-nf4-check-cuda.json`` instead.
 """
 
 from __future__ import annotations
@@ -49,11 +51,14 @@ def _disable_native_library() -> None:
     ctypes.cdll.LoadLibrary = load
 
 
-def compare(nf4, w: torch.Tensor, quant_type: str, double: bool) -> dict:
+def compare(nf4, w: torch.Tensor, quant_type: str, double: bool, dev: str = "cpu") -> dict:
     import bitsandbytes.functional as F
     from bitsandbytes.functional import QuantState
 
-    packed, st = F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double)
+    packed, st = F.quantize_4bit(w.to(dev), blocksize=64, quant_type=quant_type, compress_statistics=double)
+    if dev != "cpu":  # bitsandbytes' CUDA quantization, compared (and dequantized) on the CPU
+        packed = packed.cpu()
+        st.to("cpu")  # in place
     ours = nf4.quantize_4bit(w, quant_type, 64, double)
     codes = ours.codes.reshape(-1)
     our_packed = ((codes[::2] << 4) | codes[1::2]).reshape(-1, 1)
@@ -81,6 +86,7 @@ def compare(nf4, w: torch.Tensor, quant_type: str, double: bool) -> dict:
 def run(kernels: str) -> dict:
     if kernels == "torch":
         _disable_native_library()
+    dev = "cuda" if kernels == "cuda" else "cpu"
     nf4 = _load_nf4()
     g = torch.Generator().manual_seed(0)
     rnd = {
@@ -91,18 +97,19 @@ def run(kernels: str) -> dict:
     }
     real = {}
     model_dir = Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress")) / "models" / "smollm2-135m"
-    if (model_dir / "model.safetensors").exists():
+    src = Path(os.environ.get("LLMPRESS_REAL_LAYERS", model_dir / "model.safetensors"))  # a few layers, on a GPU box
+    if src.exists():
         from safetensors import safe_open
 
-        with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        with safe_open(str(src), "pt") as f:
             real = {k: f.get_tensor(k) for k in f.keys() if k.endswith("proj.weight")}
     cases = {}
     for qt in ("nf4", "fp4"):
         for dq in (True, False):
             tag = f"{qt}{'-dq' if dq else ''}"
             for name, w in rnd.items():
-                cases[f"{tag}/{name}"] = compare(nf4, w, qt, dq)
-            agg = [compare(nf4, w, qt, dq) for w in real.values()]
+                cases[f"{tag}/{name}"] = compare(nf4, w, qt, dq, dev)
+            agg = [compare(nf4, w, qt, dq, dev) for w in real.values()]
             if agg:
                 cases[f"{tag}/smollm2-135m ({len(agg)} weights)"] = {
                     k: all(a[k] for a in agg) if isinstance(agg[0][k], bool) else
@@ -117,21 +124,23 @@ def main() -> None:
         print(json.dumps(run(sys.argv[2])))
         return
     out = {}
-    for kernels in ("native", "torch"):
+    cuda = "--cuda" in sys.argv  # on a GPU machine: bitsandbytes' CUDA quantization alone
+    for kernels in ("cuda",) if cuda else ("native", "torch"):
         p = subprocess.run([sys.executable, __file__, "--child", kernels], capture_output=True, text=True, check=True)
         out[kernels] = json.loads(p.stdout.strip().splitlines()[-1])
     must_all = ("codes_equal", "absmax_equal", "absmax2_equal", "offset_equal", "code2_equal", "bnb_reads_ours_exactly")
     ok = True
     for kernels, r in out.items():
-        print(f"## bitsandbytes {r['bitsandbytes']}, {kernels} CPU kernels")
+        print(f"## bitsandbytes {r['bitsandbytes']}, {kernels} kernels")
         for k, c in r["cases"].items():
             print(f"{k:40s} " + " ".join(f"{a}={b:.6g}" if isinstance(b, float) else f"{a}={b}" for a, b in c.items()))
             ok &= all(v for a, v in c.items() if a in must_all)
             if kernels == "torch":
                 ok &= c.get("dequant_equal", True) and c.get("qabsmax_agreement", 1.0) == 1.0
     summary = {"all_equal_where_required": ok, "torch": torch.__version__, **out}
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "bnb-nf4-check.json").write_text(json.dumps(summary, indent=2))
+    out_dir = Path(os.environ.get("OUT", ROOT / "bench" / "results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"bnb-nf4-check{'-cuda' if cuda else ''}.json").write_text(json.dumps(summary, indent=2))
     print("OK: identical to bitsandbytes" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)
 
