@@ -77,6 +77,48 @@ def check(dev, cases: int = 36) -> tuple[int, int, float]:
     return n_ok, n_all, worst
 
 
+def tc_sweep(dev, ceil: float, out: Path, tag: str) -> None:
+    """M = 2..16, W4 g128: the tensor-core kernel's configurations (BLOCK_N, BLOCK_K, SPLIT_K,
+    warps, stages) against its autotuned choice and bf16 cuBLAS, per shape and M."""
+    cfgs = [(bn, bk, sk, 4, st) for bn in (16, 32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8, 16) for st in (2, 4)]
+    rows = []
+    for n, k in SHAPES:
+        torch.manual_seed(0)
+        w = torch.randn(n, k, device=dev) * 0.02
+        r = max(4, int(200e6 // (n * k * 2)) + 1)
+        wb = [w.to(torch.bfloat16).clone() for _ in range(r)]
+        p = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16)
+        ps = [p] + [layout.PackedWeight(p.qw.clone(), p.scale.clone(), p.zero.clone(), p.lut, p.bits, p.group_size,
+                                        p.n, p.k) for _ in range(r - 1)]
+        for m in (2, 8, 16):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])
+            tw.matmul(x, ps[0])
+            t_auto = graph_time([lambda P=P: tw.matmul(x, P) for P in ps])
+            best = None
+            for cfg in cfgs:
+                try:
+                    tw.matmul(x, ps[0], config=cfg)
+                    t = graph_time([lambda P=P: tw.matmul(x, P, config=cfg) for P in ps], reps=15)
+                except Exception as e:  # noqa: BLE001
+                    print("  ", cfg, "failed:", repr(e)[:120], flush=True)
+                    continue
+                rows.append({"shape": f"{n}x{k}", "M": m, "config": cfg, "us": t * 1e6, "speedup_vs_bf16": t_bf / t})
+                if best is None or t < best[1]:
+                    best = (cfg, t)
+            rows.append({"shape": f"{n}x{k}", "M": m, "config": "autotuned", "us": t_auto * 1e6, "bf16_us": t_bf * 1e6})
+            print(f"{n}x{k} M={m:2d}: bf16 {t_bf * 1e6:5.1f} us | autotuned {t_auto * 1e6:5.1f} ({t_bf / t_auto:.2f}x) | "
+                  f"best {best[1] * 1e6:5.1f} ({t_bf / best[1]:.2f}x) {best[0]}", flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"tc-sweep{tag}.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}))
+    by = {}
+    for r in rows:
+        if r["config"] != "autotuned":
+            by.setdefault(tuple(r["config"]), []).append(r["speedup_vs_bf16"])
+    top = sorted(by.items(), key=lambda kv: -min(kv[1]))[:8]
+    print("configurations by their worst speedup over all shapes and M:", [(c, round(min(v), 2)) for c, v in top])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
@@ -88,12 +130,16 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--checks", type=int, default=36, help="random shapes in the correctness check")
     ap.add_argument("--no-sweep", action="store_true", help="only the autotuned path (and bf16)")
+    ap.add_argument("--tc", action="store_true", help="sweep the tensor-core kernel's configurations at M = 2..16, then exit")
     a = ap.parse_args()
     global tw
     tw = importlib.import_module(a.module)
     dev = torch.device("cuda")
     ceil = copy_ceiling(dev)
     print(f"copy ceiling {ceil / 1e12:.2f} TB/s on {torch.cuda.get_device_name()}", flush=True)
+    if a.tc:
+        tc_sweep(dev, ceil, Path(a.out), a.tag)
+        return
     t0 = time.time()
     n_ok, n_all, worst = check(dev, a.checks)
     print(f"gemv correctness: {n_ok}/{n_all} within 1e-2 (worst {worst:.2e}) [{time.time() - t0:.0f}s]", flush=True)

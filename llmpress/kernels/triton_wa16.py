@@ -43,7 +43,7 @@ def _codes_f32(u):
 def _wa16_kernel(
     X, QW, S, Z, LUT, B, O, WS, CNT,
     M, N, K, GS,
-    stride_xm, stride_om, stride_qn, stride_sn,
+    stride_xm, stride_om, stride_qn, stride_sn, m_bucket,
     BITS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -330,6 +330,8 @@ PREFILL_M = 64
 _CONFIGS = [
     (64, 128, 1, 4, 3), (64, 128, 4, 4, 3), (64, 128, 8, 4, 3), (128, 128, 1, 4, 3), (128, 128, 2, 4, 3),
     (128, 128, 4, 4, 4), (256, 64, 1, 8, 3), (32, 128, 8, 4, 3), (64, 64, 16, 4, 4), (128, 64, 8, 4, 4),
+    # the best of an 80-configuration sweep at M = 2, 8, 16 (bench/gemv_probe.py --tc, H100, W4 g128)
+    (128, 64, 16, 4, 2), (128, 64, 16, 4, 4), (128, 128, 8, 4, 4), (128, 128, 2, 4, 4), (64, 64, 8, 4, 4),
 ]
 
 
@@ -354,7 +356,7 @@ def _prune(configs, named_args, **kwargs):
 _AUTOTUNE = dict(
     configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=st)
              for n, k, s, w, st in _CONFIGS],
-    key=["N", "K", "GS", "BITS", "HAS_LUT", "BLOCK_M"],
+    key=["N", "K", "GS", "BITS", "HAS_LUT", "BLOCK_M", "m_bucket"],  # m_bucket: tuned per power-of-two M
     prune_configs_by={"early_config_prune": _prune},
 )
 try:  # shorter trials (ms): decode kernels run for microseconds
@@ -554,7 +556,7 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
                                                    PREFETCH=bool(pf), num_warps=warps, num_stages=1)
         return out.reshape(*lead, p.n)
     args = (x2, p.qw, p.scale, zero, lut, b, out, ws, cnt, m, p.n, p.k, p.group_size, x2.stride(0), out.stride(0),
-            p.qw.stride(0), p.scale.stride(0))
+            p.qw.stride(0), p.scale.stride(0), triton.next_power_of_2(m))
     consts = dict(BITS=p.bits, HAS_LUT=p.lut is not None, HAS_BIAS=bias is not None,
                   FP32_DOT=x.dtype == torch.float32, BLOCK_M=bm)
     if config is None and not INTERPRET:
