@@ -77,16 +77,22 @@ def check(dev, cases: int = 36) -> tuple[int, int, float]:
     return n_ok, n_all, worst
 
 
+def _shape_weights(dev, n: int, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A seeded [n, k] weight and enough bf16 copies (> 200 MB) that every timed call reads HBM."""
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device=dev) * 0.02
+    r = max(4, int(200e6 // (n * k * 2)) + 1)
+    return w, [w.to(torch.bfloat16).clone() for _ in range(r)]
+
+
 def tc_sweep(dev, ceil: float, out: Path, tag: str) -> None:
     """M = 2..16, W4 g128: the tensor-core kernel's configurations (BLOCK_N, BLOCK_K, SPLIT_K,
     warps, stages) against its autotuned choice and bf16 cuBLAS, per shape and M."""
     cfgs = [(bn, bk, sk, 4, st) for bn in (16, 32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8, 16) for st in (2, 4)]
     rows = []
     for n, k in SHAPES:
-        torch.manual_seed(0)
-        w = torch.randn(n, k, device=dev) * 0.02
-        r = max(4, int(200e6 // (n * k * 2)) + 1)
-        wb = [w.to(torch.bfloat16).clone() for _ in range(r)]
+        w, wb = _shape_weights(dev, n, k)
+        r = len(wb)
         p = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16)
         ps = [p] + [layout.PackedWeight(p.qw.clone(), p.scale.clone(), p.zero.clone(), p.lut, p.bits, p.group_size,
                                         p.n, p.k) for _ in range(r - 1)]
@@ -147,10 +153,8 @@ def main() -> None:
                "w8ch": QuantScheme(8, True, "channel"), "nf4": "nf4"}
     rows = []
     for n, k in SHAPES:
-        torch.manual_seed(0)
-        w = torch.randn(n, k, device=dev) * 0.02
-        r = max(4, int(200e6 // (n * k * 2)) + 1)
-        wb = [w.to(torch.bfloat16).clone() for _ in range(r)]
+        w, wb = _shape_weights(dev, n, k)
+        r = len(wb)
         for sname in a.schemes.split(","):
             sch = schemes[sname]
             q = nf4.quantize_4bit(w.float(), "nf4", 64, True) if sch == "nf4" else make_qw(w.float(), sch)
