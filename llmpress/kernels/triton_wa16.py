@@ -284,8 +284,11 @@ def _gemv_lut_kernel(
 def _dequant_kernel(
     QW, S, Z, LUT, W, N, K, GS, stride_qn, stride_sn,
     BITS: tl.constexpr, HAS_LUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ONE_GROUP: tl.constexpr = False,
 ):
-    """W [N, K] in the output dtype from the packed layout (prefill: then one cuBLAS matmul)."""
+    """W [N, K] in the output dtype from the packed layout (prefill: then one cuBLAS matmul).
+    ONE_GROUP: the tile's BLOCK_K codes lie in one group, so each row loads one scale and zero
+    point instead of one per element."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
@@ -299,12 +302,21 @@ def _dequant_kernel(
     u = tl.reshape((p[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K))
     offs_k = k0 + tl.arange(0, BLOCK_K)
     ok = n_ok[:, None] & (offs_k[None, :] < K)
-    g = offs_k // GS
-    s = tl.load(S + offs_n[:, None] * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
+    if ONE_GROUP:
+        srow = S + offs_n * stride_sn + k0 // GS
+        s = tl.load(srow, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        zrow = Z + offs_n * stride_sn + k0 // GS
+    else:
+        g = offs_k // GS
+        s = tl.load(S + offs_n[:, None] * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        zrow = Z + offs_n[:, None] * stride_sn + g[None, :]
     if HAS_LUT:
         w = tl.load(LUT + u) * s
     else:
-        z = tl.load(Z + offs_n[:, None] * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        if ONE_GROUP:
+            z = tl.load(zrow, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        else:
+            z = tl.load(zrow, mask=ok, other=0.0).to(tl.float32)
         w = (_codes_f32(u) - z) * s
     tl.store(W + offs_n[:, None] * K + offs_k[None, :], w.to(W.dtype.element_ty), mask=ok)
 
@@ -316,7 +328,8 @@ def dequantize(p: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     lut = p.lut if p.lut is not None else p.scale
     grid = (triton.cdiv(p.n, 32), triton.cdiv(p.k, 128))
     _dequant_kernel[grid](p.qw, p.scale, zero, lut, w, p.n, p.k, p.group_size, p.qw.stride(0), p.scale.stride(0),
-                          BITS=p.bits, HAS_LUT=p.lut is not None, BLOCK_N=32, BLOCK_K=128, num_warps=4)
+                          BITS=p.bits, HAS_LUT=p.lut is not None, BLOCK_N=32, BLOCK_K=128,
+                          ONE_GROUP=p.group_size >= p.k or p.group_size % 128 == 0, num_warps=4)
     return w
 
 
