@@ -302,21 +302,17 @@ def _dequant_kernel(
     u = tl.reshape((p[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K))
     offs_k = k0 + tl.arange(0, BLOCK_K)
     ok = n_ok[:, None] & (offs_k[None, :] < K)
-    if ONE_GROUP:
-        srow = S + offs_n * stride_sn + k0 // GS
-        s = tl.load(srow, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        zrow = Z + offs_n * stride_sn + k0 // GS
-    else:
-        g = offs_k // GS
-        s = tl.load(S + offs_n[:, None] * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
-        zrow = Z + offs_n[:, None] * stride_sn + g[None, :]
+    if ONE_GROUP:  # [BLOCK_N, 1]: one scale / zero point per row, broadcast over the tile
+        goff = (offs_n * stride_sn + k0 // GS)[:, None]
+        gm = n_ok[:, None]
+    else:  # [BLOCK_N, BLOCK_K]: one per element
+        goff = offs_n[:, None] * stride_sn + (offs_k // GS)[None, :]
+        gm = ok
+    s = tl.load(S + goff, mask=gm, other=0.0).to(tl.float32)
     if HAS_LUT:
         w = tl.load(LUT + u) * s
     else:
-        if ONE_GROUP:
-            z = tl.load(zrow, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        else:
-            z = tl.load(zrow, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(Z + goff, mask=gm, other=0.0).to(tl.float32)
         w = (_codes_f32(u) - z) * s
     tl.store(W + offs_n[:, None] * K + offs_k[None, :], w.to(W.dtype.element_ty), mask=ok)
 
@@ -326,10 +322,11 @@ def dequantize(p: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     w = torch.empty(p.n, p.k, device=p.qw.device, dtype=dtype)
     zero = p.zero if p.zero is not None else p.scale
     lut = p.lut if p.lut is not None else p.scale
-    grid = (triton.cdiv(p.n, 32), triton.cdiv(p.k, 128))
+    bn, bk = 32, 128
+    grid = (triton.cdiv(p.n, bn), triton.cdiv(p.k, bk))
     _dequant_kernel[grid](p.qw, p.scale, zero, lut, w, p.n, p.k, p.group_size, p.qw.stride(0), p.scale.stride(0),
-                          BITS=p.bits, HAS_LUT=p.lut is not None, BLOCK_N=32, BLOCK_K=128,
-                          ONE_GROUP=p.group_size >= p.k or p.group_size % 128 == 0, num_warps=4)
+                          BITS=p.bits, HAS_LUT=p.lut is not None, BLOCK_N=bn, BLOCK_K=bk,
+                          ONE_GROUP=p.group_size >= p.k or p.group_size % bk == 0, num_warps=4)
     return w
 
 
@@ -377,10 +374,12 @@ try:  # shorter trials (ms): decode kernels run for microseconds
 except TypeError:  # a Triton without these arguments
     _tuned = triton.autotune(**_AUTOTUNE)(_wa16_kernel)
 
-# GEMV (M = 1): (BLOCK_N, words per step, SPLIT_K, num_warps, prefetch) — the fastest of a sweep
-# of 78 prefetching configurations on an H100 at 4096x4096, 14336x4096 and 4096x14336, W4 g128
-# and W8 per channel (bench/gemv_probe.py --wide), plus two split-K ones for narrow layers
-# (few column tiles); a step's words split into slices of at most 16 words inside one group.
+# GEMV (M = 1): (BLOCK_N, words per step, SPLIT_K, num_warps, prefetch) — the fastest of two
+# sweeps on an H100 at 4096x4096, 14336x4096 and 4096x14336, W4 g128 and W8 per channel
+# (bench/gemv_probe.py --wide: 60 configurations, then 78 with 8-column tiles, run on an
+# interleaved-layout variant of this kernel that measured the same and was not kept), plus two
+# split-K ones for narrow layers (few column tiles); a step's words split into slices of at most
+# 16 words inside one group.
 _GEMV_CONFIGS = [
     (8, 128, 1, 8, True), (16, 128, 1, 4, True), (16, 128, 1, 8, True), (16, 64, 1, 4, True), (16, 128, 2, 4, True),
     (32, 128, 2, 4, True), (32, 64, 1, 4, True), (64, 32, 4, 8, True), (16, 64, 4, 4, True), (32, 32, 8, 4, True),
