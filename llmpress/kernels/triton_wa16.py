@@ -9,9 +9,11 @@ point (or looks the code up in the code book) and multiplies on the tensor cores
 rows past M are masked, so the weight is read once for all rows).
 
 Decode shapes have too few column tiles to fill the GPU, so K is split over SPLIT_K programs.
-Their partial sums go into a float32 workspace by atomic adds; the last program to finish a
-tile (an arrival counter per tile) reads the sum back atomically, resets the workspace to
-zero for the next call, adds the bias and writes y in the input dtype.
+In the tensor-core kernel each split stores its partial tile in its own slot of a float32
+buffer; the last program to finish a tile (an arrival counter per tile) sums the slots in a
+fixed order, adds the bias and writes y in the input dtype. The GEMV kernels (one row) add
+their partial sums into a zeroed workspace atomically, and the last program reads the sum back
+and leaves the workspace zeroed for the next call.
 One launch per matmul: no zero-fill and no cast kernels around it. Configurations are
 autotuned per (N, K, group, bits, M bucket).
 
@@ -41,9 +43,9 @@ def _codes_f32(u):
 
 @triton.jit
 def _wa16_kernel(
-    X, QW, S, Z, LUT, B, O, WS, CNT,
+    X, QW, S, Z, LUT, B, O, PW, CNT,
     M, N, K, GS,
-    stride_xm, stride_om, stride_qn, stride_sn, m_bucket,
+    stride_xm, stride_om, stride_qn, stride_sn, m_bucket, code_mask,
     BITS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -57,22 +59,35 @@ def _wa16_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     offs_w = tl.arange(0, BLOCK_K // PER)
-    shifts = tl.arange(0, PER) * BITS
+    jpos = tl.arange(0, PER)
+    shifts = jpos * BITS
+    hshift = (jpos // (PER // 2)) * 16  # 0 for the low half-word's codes, 16 for the high half's
+    jj = jpos % (PER // 2)
+    in_place = code_mask << (jj * BITS)  # runtime masks: AND and OR fuse into one LOP3
+    inv = tl.exp2(-(jj * BITS).to(tl.float32))  # 2^-(BITS * jj), exact
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
-        p = tl.load(QW + offs_n[None, :] * stride_qn + (k0 // PER + offs_w)[:, None], mask=n_ok[None, :], other=0)
-        u = (p[:, None, :] >> shifts[None, :, None]) & MASK  # [BLOCK_K / PER, PER, BLOCK_N]
-        u = tl.reshape(u, (BLOCK_K, BLOCK_N))
         g = k0 // GS  # BLOCK_K divides the group: one scale row per step
         s = tl.load(S + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_LUT:
+        if HAS_LUT:  # words as [BLOCK_K / PER, BLOCK_N]: this orientation measured 5x faster for the gather
+            p = tl.load(QW + offs_n[None, :] * stride_qn + (k0 // PER + offs_w)[:, None], mask=n_ok[None, :], other=0)
+            u = (p[:, None, :] >> shifts[None, :, None]) & MASK  # [BLOCK_K / PER, PER, BLOCK_N]
+            u = tl.reshape(u, (BLOCK_K, BLOCK_N))
             w = tl.load(LUT + u) * s[None, :]
         else:
+            p = tl.load(QW + offs_n[:, None] * stride_qn + (k0 // PER + offs_w)[None, :], mask=n_ok[:, None], other=0)
             z = tl.load(Z + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-            w = (_codes_f32(u) - z[None, :]) * s[None, :]
+            # code j in place, OR-ed into the mantissa of 2^23: minus 2^23 it is u * 2^(BITS * jj);
+            # one FFMA with s * 2^-(BITS * jj) and z * s gives (u - z) * s (as the GEMV kernel)
+            v = ((p[:, :, None] >> hshift[None, None, :]) & in_place[None, None, :]) | 0x4B000000
+            v = v.to(tl.float32, bitcast=True) - 8388608.0  # [BLOCK_N, BLOCK_K / PER, PER]
+            w = v * (s[:, None] * inv[None, :])[:, None, :] - (z * s)[:, None, None]
+            # (the [BLOCK_K / PER, PER, BLOCK_N] orientation compiles to the same SASS; the shared
+            # memory store for the dot is still one 16-bit store per code, a layout Triton picks)
+            w = tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)))
         if FP32_DOT:
             acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
         else:
@@ -84,15 +99,18 @@ def _wa16_kernel(
             acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=o_mask)
     else:
-        ws_ptr = WS + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptr, acc, mask=o_mask)
+        # each K split stores its partial tile in its own slot (plain stores: atomic adds of
+        # every split into one tile cost up to 4 us at M = 16); the last to arrive sums the
+        # slots in a fixed order, so the result does not depend on which split finished first
+        ws_ptr = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(PW + pid_k * M * N + ws_ptr, acc, mask=o_mask)
         tl.debug_barrier()  # every thread's partial sums are issued before the (one-thread) arrival below
         tile = pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(CNT + tile, 1)  # acq_rel: the partial sums above are visible first
         if arrived == SPLIT_K - 1:  # the last program of this tile writes the result
-            zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            total = tl.atomic_add(ws_ptr, zero, mask=o_mask)  # read at L2, where the atomics landed
-            tl.store(ws_ptr, zero, mask=o_mask)  # and leave the workspace zeroed
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for i in tl.static_range(SPLIT_K):  # read at L2 (.cg), where the other splits' stores landed
+                total += tl.load(PW + i * M * N + ws_ptr, mask=o_mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(o_ptr, total.to(O.dtype.element_ty), mask=o_mask)
@@ -354,6 +372,8 @@ def _prune(configs, named_args, **kwargs):
     per = 32 // kwargs.get("BITS", named_args.get("BITS", 4))
     seen, out = set(), []
     for c in configs:
+        if not _split_fits(c.kwargs["SPLIT_K"], named_args["m_bucket"], named_args["N"]):
+            continue
         bk = min(c.kwargs["BLOCK_K"], cap)
         key = (c.kwargs["BLOCK_N"], bk, c.kwargs["SPLIT_K"], c.num_warps, c.num_stages)
         if bk >= 2 * per and key not in seen:
@@ -476,6 +496,29 @@ except TypeError:
     _lut_tuned = triton.autotune(**_LUT_AUTOTUNE)(_gemv_lut_kernel)
 
 
+_PARTIALS: dict = {}
+PARTIALS_CAP = 1 << 24  # float32 elements (64 MB) for the tensor-core kernel's split-K partial tiles
+
+
+def _split_fits(split_k: int, m_bucket: int, n: int) -> bool:
+    """Whether SPLIT_K partial tiles of every M up to ``m_bucket`` fit the partials cap."""
+    return split_k == 1 or split_k * m_bucket * n <= PARTIALS_CAP
+
+
+def _partials(dev: torch.device, size: int) -> torch.Tensor:
+    """A float32 buffer of >= ``size`` elements for split-K partial tiles (need not be zeroed:
+    every slot is written before it is read). Grows outside CUDA-graph capture only."""
+    key = str(dev)
+    pw = _PARTIALS.get(key)
+    if pw is None or pw.numel() < size:
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the split-K partials buffer must grow during CUDA-graph capture: run the step once "
+                               "before capturing it")
+        pw = torch.empty(max(size, 1), device=dev, dtype=torch.float32)
+        _PARTIALS[key] = pw
+    return pw
+
+
 _WORKSPACES: dict = {}
 MIN_BLOCK_N = 8  # the narrowest column tile a configuration may use (the split-K counters are sized for it)
 
@@ -567,8 +610,14 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
             _gemv_even[(triton.cdiv(p.n, bn), sk)](*gargs, **gconsts, BLOCK_N=bn, NG=sl[0], WPG=sl[1], SPLIT_K=sk,
                                                    PREFETCH=bool(pf), num_warps=warps, num_stages=1)
         return out.reshape(*lead, p.n)
-    args = (x2, p.qw, p.scale, zero, lut, b, out, ws, cnt, m, p.n, p.k, p.group_size, x2.stride(0), out.stride(0),
-            p.qw.stride(0), p.scale.stride(0), triton.next_power_of_2(m))
+    mb = triton.next_power_of_2(m)
+    if config is None and not INTERPRET:
+        most = max(c[2] for c in _CONFIGS if _split_fits(c[2], mb, p.n))
+    else:
+        most = (config or (64, 64, 2, 4, 2))[2]
+    pw = _partials(x.device, most * m * p.n)
+    args = (x2, p.qw, p.scale, zero, lut, b, out, pw, cnt, m, p.n, p.k, p.group_size, x2.stride(0), out.stride(0),
+            p.qw.stride(0), p.scale.stride(0), mb, (1 << p.bits) - 1)
     consts = dict(BITS=p.bits, HAS_LUT=p.lut is not None, HAS_BIAS=bias is not None,
                   FP32_DOT=x.dtype == torch.float32, BLOCK_M=bm)
     if config is None and not INTERPRET:

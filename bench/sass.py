@@ -1,0 +1,115 @@
+"""Compile llmpress's Triton kernels for sm_90 on a machine without a GPU and count the SASS
+instructions of their hot loop (Triton's bundled ptxas / cuobjdump). Pointer and integer
+arguments get the divisibility-16 specialisation the device gives aligned arguments.
+
+  python bench/sass.py tc --bits 4 --bm 16 --bn 64 --bk 128 --warps 4 --stages 3
+  python bench/sass.py gemv --bits 4 --bn 16 --ng 8 --wpg 16 --warps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from llmpress.kernels import triton_wa16 as k  # noqa: E402
+
+
+def compile_sass(fn, sig: dict, consts: dict, div16: list[str], warps: int, stages: int) -> str:
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = ASTSource(fn, {**sig, **{c: "constexpr" for c in consts}}, constexprs={(names.index(c) if c in names else
+                    list(fn.arg_names).index(c),): v for c, v in consts.items()}, attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, "k.cubin")
+        Path(f).write_bytes(ck.asm["cubin"])
+        return subprocess.run([str(tool), "-sass", f], capture_output=True, text=True, check=True).stdout
+
+
+def loops(sass: str) -> list[list[str]]:
+    """Instruction lines of each backward-branch loop body (innermost first)."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2).strip()))
+    out = []
+    for i, (addr, txt) in enumerate(ins):
+        b = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|)?.*?0x([0-9a-f]+)", txt)
+        if txt.split()[0].endswith("BRA") or " BRA " in f" {txt} ":
+            t = re.search(r"0x([0-9a-f]+)", txt)
+            if t and int(t.group(1), 16) < addr:
+                start = int(t.group(1), 16)
+                out.append([x for a, x in ins if start <= a <= addr])
+    return sorted(out, key=len)
+
+
+def summary(body: list[str]) -> dict[str, int]:
+    c: dict[str, int] = {}
+    for t in body:
+        op = t.split()[0] if not t.startswith("@") else t.split()[1]
+        op = op.split(".")[0]
+        c[op] = c.get(op, 0) + 1
+    return dict(sorted(c.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kernel", choices=["tc", "gemv"])
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--bm", type=int, default=16)
+    ap.add_argument("--bn", type=int, default=64)
+    ap.add_argument("--bk", type=int, default=128)
+    ap.add_argument("--sk", type=int, default=4)
+    ap.add_argument("--ng", type=int, default=8)
+    ap.add_argument("--wpg", type=int, default=16)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--dump", action="store_true")
+    ap.add_argument("--lut", action="store_true", help="the code-book (NF4 / FP4) variant of the tensor-core kernel")
+    a = ap.parse_args()
+    per = 32 // a.bits
+    if a.kernel == "tc":
+        sig = dict(X="*bf16", QW="*i32", S="*bf16", Z="*bf16", LUT="*bf16", B="*bf16", O="*bf16", PW="*fp32",
+                   CNT="*i32", M="i32", N="i32", K="i32", GS="i32", stride_xm="i32", stride_om="i32",
+                   stride_qn="i32", stride_sn="i32", m_bucket="i32")
+        extra = {"code_mask": "i32"} if "code_mask" in k._wa16_kernel.arg_names else {}
+        sig.update(extra)
+        consts = dict(BITS=a.bits, HAS_LUT=a.lut, HAS_BIAS=False, FP32_DOT=False, BLOCK_M=a.bm, BLOCK_N=a.bn,
+                      BLOCK_K=a.bk, SPLIT_K=a.sk)
+        div = ["X", "QW", "S", "Z", "O", "PW", "CNT", "N", "K", "GS", "stride_xm", "stride_om", "stride_qn", "stride_sn"]
+        sass = compile_sass(k._wa16_kernel, sig, consts, div, a.warps, a.stages)
+        codes = a.bn * a.bk
+    else:
+        sig = dict(X="*bf16", QW="*i32", S="*bf16", Z="*bf16", LUT="*bf16", B="*bf16", O="*bf16", WS="*fp32",
+                   CNT="*i32", N="i32", K="i32", KW="i32", G="i32", GS="i32", stride_qn="i32", stride_sn="i32",
+                   code_mask="i32")
+        consts = dict(BITS=a.bits, HAS_LUT=False, HAS_BIAS=False, BLOCK_N=a.bn, NG=a.ng, WPG=a.wpg, SPLIT_K=a.sk,
+                      PREFETCH=True, EVEN=True)
+        div = ["X", "QW", "S", "Z", "O", "WS", "CNT", "N", "K", "KW", "G", "GS", "stride_qn", "stride_sn"]
+        sass = compile_sass(k._gemv_kernel, sig, consts, div, a.warps, 1)
+        codes = a.bn * a.ng * a.wpg * per
+    if a.dump:
+        print(sass)
+    ls = loops(sass)
+    body = ls[-1] if ls else []
+    threads = 32 * a.warps
+    print(f"loop: {len(body)} instructions per thread per step, {codes} codes per step per program, "
+          f"{len(body) * threads / codes:.2f} instructions per code")
+    print(summary(body))
+
+
+if __name__ == "__main__":
+    main()
