@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--uniform", default="2/32,3/-1,3/64,3/32")
     ap.add_argument("--n-sens", type=int, default=16, help="calibration samples the errors are scored on")
     ap.add_argument("--n-fit", type=int, default=0, help="further calibration samples the solvers fit on (0: same)")
+    ap.add_argument("--direct", type=int, default=0, help="samples each candidate's real output KL is measured on (0: K-FAC only)")
     ap.add_argument("--n-windows", type=int, default=24)
     ap.add_argument("--work", default="/tmp/llmpress-plan-bench")
     ap.add_argument("--out", default="bench/results")
@@ -53,7 +54,8 @@ def main() -> None:
         tokens = lp.data.calibration("wiki").tokens(model.llmpress_tokenizer)
         sens = measure(model, tokens[: a.n_sens], step, [int(b) for b in a.bits.split(",")],
                        [int(g) for g in a.group_sizes.split(",")], name=a.model,
-                       fit_tokens=tokens[a.n_sens : a.n_sens + a.n_fit] if a.n_fit else None)
+                       fit_tokens=tokens[a.n_sens : a.n_sens + a.n_fit] if a.n_fit else None,
+                       direct_tokens=tokens[: a.direct] if a.direct else None)
         sens.save(sens_file)
         del model
     print(f"sensitivity: {len(sens.units)} units, {sens.tokens} tokens, {sens.seconds:.0f}s", flush=True)

@@ -210,6 +210,9 @@ def _parser() -> argparse.ArgumentParser:
                     "(forward + backward)")
     pl.add_argument("--fit-samples", type=int, default=FIT_SAMPLES, help="further calibration samples the candidate "
                     "solvers fit on (forward only); 0 = fit on the scoring samples")
+    pl.add_argument("--direct-samples", type=int, default=0, help="measure each candidate's real output KL on this "
+                    "many of the scoring samples (one forward of the later blocks per candidate) instead of "
+                    "trusting the second-order estimate; 0 = estimate only")
     pl.add_argument("--seqlen", type=int, default=512)
     pl.add_argument("--batch-size", type=int, default=2)
     pl.add_argument("--sensitivity", help="JSON file: reused when it exists (re-plan in seconds), written otherwise")
@@ -617,7 +620,8 @@ def _plan(a: argparse.Namespace) -> dict:
         model = lp.load(a.model, trust_remote_code=a.trust_remote_code)
         tokens = lp.data.calibration(a.calib, a.n_samples + a.fit_samples, a.seqlen).tokens(model.llmpress_tokenizer)
         sens = measure(model, tokens[: a.n_samples], steps[0], bits, groups, batch_size=a.batch_size, name=a.model,
-                       fit_tokens=tokens[a.n_samples :] if a.fit_samples else None)
+                       fit_tokens=tokens[a.n_samples :] if a.fit_samples else None,
+                       direct_tokens=tokens[: min(a.direct_samples, a.n_samples)] if a.direct_samples > 0 else None)
         if sf is not None:
             sens.save(sf)
     p = allocate(sens, target_bits=a.target_bits, target_size_mb=target_size, max_kl=a.max_kl)

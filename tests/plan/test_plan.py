@@ -232,3 +232,34 @@ def test_plan_cli(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
     assert main(["plan", str(tiny_dir), "--target-bits", "1", "-o", str(tmp_path / "x.yaml"), *common]) == 2
     assert "below the smallest candidate allocation" in capsys.readouterr().err
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_direct_measurement_is_the_real_kl_of_each_unit_alone(setup):
+    """With direct samples, each low-bit candidate's cost is the KL of the whole model's output
+    with that unit alone compressed (checked here through a full forward of a copy), the K-FAC
+    estimate is kept beside it, and 8-bit candidates keep the estimate."""
+    model, tokens, _ = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sens = measure(model, tokens, GPTQ, bits=(2, 8), group_sizes=(32, -1), progress=False, direct_tokens=tokens[:3])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is left as it was
+    assert sens.meta["direct_tokens"] == 3 * 64
+    step = GPTQ.__class__(**{**GPTQ.to_dict(), "bits": 2, "group_size": 32, "strategy": None,
+                             "targets": ("Linear",), "ignore": ("lm_head",), "overrides": ()})
+    for u in sens.units[:4]:
+        opt = next(o for o in u.options if (o.bits, o.group_size) == (2, 32))
+        assert opt.kl_kfac is not None and opt.kl > 0
+        eight = next(o for o in u.options if o.bits == 8)
+        assert eight.kl_kfac is None
+        m = copy.deepcopy(model)
+        x_h = {}
+        mod = m.get_submodule(u.names[0])
+        h = mod.register_forward_hook(lambda mm, a, o: x_h.update(x=a[0].detach().reshape(-1, a[0].shape[-1])))
+        with torch.no_grad():
+            m(input_ids=tokens)
+        h.remove()
+        H = 2 * x_h["x"].T @ x_h["x"] / x_h["x"].shape[0]
+        for n in u.names:
+            w = linear_weight(m.get_submodule(n))
+            with torch.no_grad():
+                w.copy_(_solve(w.detach().clone(), H, step, n).dequantize(torch.float32))
+        assert opt.kl == pytest.approx(_kl(m, model, tokens[:3]), rel=1e-3)
