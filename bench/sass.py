@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--dump", action="store_true")
+    ap.add_argument("--no-prefetch", action="store_true", help="GEMV without its manual prefetch (for --stages > 1)")
     ap.add_argument("--lut", action="store_true", help="the code-book (NF4 / FP4) variant of the tensor-core kernel")
     a = ap.parse_args()
     per = 32 // a.bits
@@ -97,9 +98,9 @@ def main() -> None:
                    CNT="*i32", N="i32", K="i32", KW="i32", G="i32", GS="i32", stride_qn="i32", stride_sn="i32",
                    code_mask="i32")
         consts = dict(BITS=a.bits, HAS_LUT=False, HAS_BIAS=False, BLOCK_N=a.bn, NG=a.ng, WPG=a.wpg, SPLIT_K=a.sk,
-                      PREFETCH=True, EVEN=True)
+                      PREFETCH=not a.no_prefetch, EVEN=True)
         div = ["X", "QW", "S", "Z", "O", "WS", "CNT", "N", "K", "KW", "G", "GS", "stride_qn", "stride_sn"]
-        sass = compile_sass(k._gemv_kernel, sig, consts, div, a.warps, 1)
+        sass = compile_sass(k._gemv_kernel, sig, consts, div, a.warps, a.stages)
         codes = a.bn * a.ng * a.wpg * per
     if a.dump:
         print(sass)
