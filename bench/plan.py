@@ -11,6 +11,7 @@ peak RSS is its own), saves it, and evaluates all of them against the base in on
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--n-sens", type=int, default=16, help="calibration samples the errors are scored on")
     ap.add_argument("--n-fit", type=int, default=0, help="further calibration samples the solvers fit on (0: same)")
     ap.add_argument("--direct", type=int, default=0, help="samples each candidate's real output KL is measured on (0: K-FAC only)")
+    ap.add_argument("--also-kfac", action="store_true", help="with --direct: also plan from the same run's K-FAC estimates")
     ap.add_argument("--n-windows", type=int, default=24)
     ap.add_argument("--work", default="/tmp/llmpress-plan-bench")
     ap.add_argument("--out", default="bench/results")
@@ -64,6 +66,15 @@ def main() -> None:
     for t in a.targets.split(","):
         p = allocate(sens, target_bits=float(t))
         plans[f"plan-{t}bpw"] = p
+    if a.also_kfac and any(o.kl_kfac is not None for u in sens.units for o in u.options):
+        # the same run's K-FAC estimates alone, planned the same way (what --direct changes)
+        kf = copy.deepcopy(sens)
+        for u in kf.units:
+            for o in u.options:
+                if o.kl_kfac is not None:
+                    o.kl = o.kl_kfac
+        for t in a.targets.split(","):
+            plans[f"plan-kfac-{t}bpw"] = allocate(kf, target_bits=float(t))
     for u in filter(None, a.uniform.split(",")):
         b, g = (int(x) for x in u.split("/"))
         plans[f"uniform-w{b}g{g}"] = uniform(sens, b, g)
@@ -125,7 +136,7 @@ def report(res: dict, sens: Sensitivity, out: Path) -> None:
         rows.append(dict(name=r["name"], is_base=False, size_mb=r["size_mb"], bits_per_weight=r["bits_per_weight"],
                          ppl=r["ppl"], delta_ppl_pct=100 * (r["ppl"] / res["base_ppl"] - 1), kl=r["kl"], top1=r["top1"],
                          seconds=r["compress_s"], peak_rss_mb=r["measured_peak_mb"]))
-        if r["name"].startswith("plan-"):
+        if r["name"].startswith("plan-") and not r["name"].startswith("plan-kfac-"):
             p = allocate(sens, target_bits=float(r["name"][5:-3]))
             layers[r["name"]] = [dict(name=x["name"], bits=x["bits"] + (32 / x["group_size"] if x["group_size"] > 0 else 0))
                                  for x in p.layers()]
