@@ -25,11 +25,12 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gemv_probe import _packed_copies, _shape_weights  # noqa: E402
 from kernels import SHAPES, copy_ceiling, graph_time, make_qw  # noqa: E402
 
 from llmpress.kernels import layout  # noqa: E402
 from llmpress.kernels import triton_wa16 as tw  # noqa: E402
-from llmpress.kernels.triton_wa16 import _gemv_loads  # noqa: E402
+from llmpress.kernels.triton_wa16 import _gemv_loads, _int_step  # noqa: E402
 from llmpress.quant.primitives import QuantScheme  # noqa: E402
 
 
@@ -64,17 +65,7 @@ def _gemv_persist_kernel(
         z = z_nx.to(tl.float32)
         p_nx, s_nx, z_nx = _gemv_loads(QW + n_nx[:, None, None] * stride_qn, S, Z, n_nx[:, None] * stride_sn,
                                        (nx % steps) * BLOCK_K, rw, n_ok, KW, G, GS, PER, WPG, NG, False, True)
-        t = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
-        xs = tl.zeros((NG, WPG), dtype=tl.float32)
-        hi = p >> 16
-        for j in tl.static_range(PER):
-            xj = tl.load(X + k0 + kw + j).to(tl.float32)
-            xs += xj
-            jj = j % (PER // 2)
-            src = p if j < PER // 2 else hi
-            v = ((src & (code_mask << (jj * BITS))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            t += v * (xj * (1.0 / (1 << (jj * BITS))))[None, :, :]
-        acc += (t - z[:, :, None] * xs[None, :, :]) * s[:, :, None]
+        acc += _int_step(p, s, z, X, k0, kw, K, code_mask, BITS, True)
         if it % steps == steps - 1:
             row = tl.sum(tl.sum(acc, axis=2), axis=1)
             tl.store(O + tile * BLOCK_N + lane, row.to(O.dtype.element_ty))
@@ -130,13 +121,10 @@ def main() -> None:
     rows = []
     for sname, sch in (("w4g128sym", QuantScheme(4, True, "group", 128)), ("w8ch", QuantScheme(8, True, "channel"))):
         for n, k in SHAPES:
-            torch.manual_seed(0)
-            w = torch.randn(n, k, device=dev) * 0.02
-            r = max(4, int(200e6 // (n * k * 2)) + 1)
-            wb = [w.to(torch.bfloat16).clone() for _ in range(r)]
+            w, wb = _shape_weights(dev, n, k)
+            r = len(wb)
             p = layout.pack(make_qw(w.float(), sch), torch.bfloat16)
-            ps = [p] + [layout.PackedWeight(p.qw.clone(), p.scale.clone(), None if p.zero is None else p.zero.clone(),
-                                            p.lut, p.bits, p.group_size, p.n, p.k) for _ in range(r - 1)]
+            ps = _packed_copies(p, r)
             x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
             t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])
             tw.matmul(x, ps[0])

@@ -85,6 +85,12 @@ def _shape_weights(dev, n: int, k: int) -> tuple[torch.Tensor, list[torch.Tensor
     return w, [w.to(torch.bfloat16).clone() for _ in range(r)]
 
 
+def _packed_copies(p: layout.PackedWeight, r: int) -> list[layout.PackedWeight]:
+    """``p`` and r - 1 copies of its tensors, so that timed calls read HBM, not L2."""
+    return [p] + [layout.PackedWeight(p.qw.clone(), p.scale.clone(), None if p.zero is None else p.zero.clone(),
+                                      p.lut, p.bits, p.group_size, p.n, p.k) for _ in range(r - 1)]
+
+
 def tc_sweep(dev, ceil: float, out: Path, tag: str) -> None:
     """M = 2..16, W4 g128: the tensor-core kernel's configurations (BLOCK_N, BLOCK_K, SPLIT_K,
     warps, stages) against its autotuned choice and bf16 cuBLAS, per shape and M."""
@@ -94,8 +100,7 @@ def tc_sweep(dev, ceil: float, out: Path, tag: str) -> None:
         w, wb = _shape_weights(dev, n, k)
         r = len(wb)
         p = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16)
-        ps = [p] + [layout.PackedWeight(p.qw.clone(), p.scale.clone(), p.zero.clone(), p.lut, p.bits, p.group_size,
-                                        p.n, p.k) for _ in range(r - 1)]
+        ps = _packed_copies(p, r)
         for m in (2, 8, 16):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])
@@ -159,8 +164,7 @@ def main() -> None:
             sch = schemes[sname]
             q = nf4.quantize_4bit(w.float(), "nf4", 64, True) if sch == "nf4" else make_qw(w.float(), sch)
             p = layout.pack(q, torch.bfloat16)
-            ps = [p] + [layout.PackedWeight(p.qw.clone(), p.scale.clone(), None if p.zero is None else p.zero.clone(),
-                                            p.lut, p.bits, p.group_size, p.n, p.k) for _ in range(r - 1)]
+            ps = _packed_copies(p, r)
             x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
             t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])
             tw.matmul(x, ps[0])

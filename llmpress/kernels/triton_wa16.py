@@ -146,6 +146,26 @@ def _x_at(X, kx, K, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _int_step(p, s, z, X, k0, kw, K, code_mask, BITS: tl.constexpr, EVEN: tl.constexpr):
+    """One GEMV step of integer codes: the words p [BLOCK_N, NG, WPG] times x from k0, scaled per
+    slice, s * (sum_j u_j x_j - z * sum_j x_j). Code j of the low half-word (of p >> 16 for the
+    high half) is masked in place and OR-ed into the mantissa of 2^23, giving
+    2^23 + u * 2^(BITS * jj) exactly, so u * x = (that - 2^23) * (x / 2^(BITS * jj))."""
+    PER: tl.constexpr = 32 // BITS
+    t = tl.zeros(p.shape, dtype=tl.float32)
+    xs = tl.zeros(kw.shape, dtype=tl.float32)  # sum of x over each word's codes
+    hi = p >> 16
+    for j in tl.static_range(PER):
+        xj = _x_at(X, k0 + kw + j, K, EVEN)  # [NG, WPG]
+        xs += xj
+        jj = j % (PER // 2)
+        src = p if j < PER // 2 else hi
+        v = ((src & (code_mask << (jj * BITS))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        t += v * (xj * (1.0 / (1 << (jj * BITS))))[None, :, :]
+    return (t - z[:, :, None] * xs[None, :, :]) * s[:, :, None]
+
+
+@triton.jit
 def _store_row(acc, offs_n, n_ok, B, O, WS, CNT, pid_n, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Write one row of y: directly, or (split K) add this program's partial sums to the float32
     workspace; the last program of the column tile (arrival counter) writes the total, adds the
@@ -215,25 +235,14 @@ def _gemv_kernel(
         z = z_nx.to(tl.float32)
         if PREFETCH:
             p_nx, s_nx, z_nx = _gemv_loads(qrow, S, Z, srow, k_nx, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT, EVEN)
-        t = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
         if HAS_LUT:
+            t = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
             for j in tl.static_range(PER):
                 xj = _x_at(X, k0 + kw + j, K, EVEN)  # [NG, WPG]
                 t += tl.load(LUT + ((p >> (j * BITS)) & MASK)) * xj[None, :, :]
             acc += t * s[:, :, None]
         else:
-            xs = tl.zeros((NG, WPG), dtype=tl.float32)  # sum of x over each word's codes
-            hi = p >> 16
-            for j in tl.static_range(PER):
-                xj = _x_at(X, k0 + kw + j, K, EVEN)  # [NG, WPG]
-                xs += xj
-                # code j in place (no shift): its bits OR-ed into the mantissa of 2^23 give
-                # 2^23 + u * 2^(BITS * jj) exactly, so u * x = (that - 2^23) * (x / 2^(BITS * jj))
-                jj = j % (PER // 2)
-                src = p if j < PER // 2 else hi
-                v = ((src & (code_mask << (jj * BITS))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                t += v * (xj * (1.0 / (1 << (jj * BITS))))[None, :, :]
-            acc += (t - z[:, :, None] * xs[None, :, :]) * s[:, :, None]
+            acc += _int_step(p, s, z, X, k0, kw, K, code_mask, BITS, EVEN)
         if not PREFETCH:
             p_nx, s_nx, z_nx = _gemv_loads(qrow, S, Z, srow, k_nx, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT, EVEN)
     acc1 = tl.sum(tl.sum(acc, axis=2), axis=1)

@@ -36,6 +36,26 @@ def _kl(model, base, tokens):
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
+def _unit_alone(model, unit, tokens, bits: int, group_size: int):
+    """A copy of ``model`` with only ``unit``'s layers GPTQ-compressed at (bits, group_size),
+    from the Hessian of the unit's input on the base model (as the sensitivity pass sees it)."""
+    m = copy.deepcopy(model)
+    step = GPTQ.__class__(**{**GPTQ.to_dict(), "bits": bits, "group_size": group_size, "strategy": None,
+                             "targets": ("Linear",), "ignore": ("lm_head",), "overrides": ()})
+    x_h = {}
+    h = m.get_submodule(unit.names[0]).register_forward_hook(
+        lambda mm, a, o: x_h.update(x=a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        m(input_ids=tokens)
+    h.remove()
+    H = 2 * x_h["x"].T @ x_h["x"] / x_h["x"].shape[0]
+    for n in unit.names:
+        w = linear_weight(m.get_submodule(n))
+        with torch.no_grad():
+            w.copy_(_solve(w.detach().clone(), H, step, n).dequantize(torch.float32))
+    return m
+
+
 def test_units_group_layers_that_share_an_input(setup):
     _, _, sens = setup
     leaves = [tuple(n.rsplit(".", 1)[-1] for n in u.names) for u in sens.units]
@@ -54,22 +74,8 @@ def test_predicted_kl_tracks_the_measured_kl_of_each_unit_alone(setup):
     model, tokens, sens = setup
     pred, meas = [], []
     for u in sens.units:
-        m = copy.deepcopy(model)
         opt = next(o for o in u.options if (o.bits, o.group_size) == (2, -1))
-        step = GPTQ.__class__(**{**GPTQ.to_dict(), "bits": 2, "group_size": -1, "strategy": None,
-                                 "targets": ("Linear",), "ignore": ("lm_head",), "overrides": ()})
-        x_h = {}
-        # the Hessian of the unit's input on the base model, as the sensitivity pass saw it
-        mod = m.get_submodule(u.names[0])
-        h = mod.register_forward_hook(lambda mm, a, o: x_h.update(x=a[0].detach().reshape(-1, a[0].shape[-1])))
-        with torch.no_grad():
-            m(input_ids=tokens)
-        h.remove()
-        H = 2 * x_h["x"].T @ x_h["x"] / x_h["x"].shape[0]
-        for n in u.names:
-            w = linear_weight(m.get_submodule(n))
-            with torch.no_grad():
-                w.copy_(_solve(w.detach().clone(), H, step, n).dequantize(torch.float32))
+        m = _unit_alone(model, u, tokens, 2, -1)
         pred.append(opt.kl)
         meas.append(_kl(m, model, tokens))
     pred, meas = torch.tensor(pred), torch.tensor(meas)
@@ -243,23 +249,10 @@ def test_direct_measurement_is_the_real_kl_of_each_unit_alone(setup):
     sens = measure(model, tokens, GPTQ, bits=(2, 8), group_sizes=(32, -1), progress=False, direct_tokens=tokens[:3])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is left as it was
     assert sens.meta["direct_tokens"] == 3 * 64
-    step = GPTQ.__class__(**{**GPTQ.to_dict(), "bits": 2, "group_size": 32, "strategy": None,
-                             "targets": ("Linear",), "ignore": ("lm_head",), "overrides": ()})
     for u in sens.units[:4]:
         opt = next(o for o in u.options if (o.bits, o.group_size) == (2, 32))
         assert opt.kl_kfac is not None and opt.kl > 0
         eight = next(o for o in u.options if o.bits == 8)
         assert eight.kl_kfac is None
-        m = copy.deepcopy(model)
-        x_h = {}
-        mod = m.get_submodule(u.names[0])
-        h = mod.register_forward_hook(lambda mm, a, o: x_h.update(x=a[0].detach().reshape(-1, a[0].shape[-1])))
-        with torch.no_grad():
-            m(input_ids=tokens)
-        h.remove()
-        H = 2 * x_h["x"].T @ x_h["x"] / x_h["x"].shape[0]
-        for n in u.names:
-            w = linear_weight(m.get_submodule(n))
-            with torch.no_grad():
-                w.copy_(_solve(w.detach().clone(), H, step, n).dequantize(torch.float32))
+        m = _unit_alone(model, u, tokens, 2, 32)
         assert opt.kl == pytest.approx(_kl(m, model, tokens[:3]), rel=1e-3)
