@@ -226,6 +226,13 @@ def test_plan_cli(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
     assert r.name == "plan-3.5bpw" and sf.exists()
     summary = __import__("json").loads((tmp_path / "p.json").read_text())["summary"]
     assert summary["avg_bits"] <= 3.5
+    # measured costs: the saved sensitivity says how many tokens they were measured on
+    sd = tmp_path / "sd.json"
+    assert main(["plan", str(tiny_dir), "--target-bits", "3.5", "-o", str(tmp_path / "pd.yaml"), *common[:-1], str(sd),
+                 "--direct-samples", "2"]) == 0
+    direct = Sensitivity.load(sd)
+    assert direct.meta["direct_tokens"] == 2 * 32
+    assert all(o.kl_kfac is not None for u in direct.units for o in u.options)  # every candidate here is <= 4 bits
 
     def boom(*a, **k):
         raise AssertionError("the sensitivity file should have been reused")
