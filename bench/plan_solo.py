@@ -10,21 +10,20 @@ prediction stored in a sensitivity file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import llmpress as lp  # noqa: E402
-from llmpress.calibrate import _capture, _run_block  # noqa: E402
-from llmpress.models import find_blocks, linear_weight  # noqa: E402
+from llmpress.models import linear_weight  # noqa: E402
 from llmpress.plan import Sensitivity  # noqa: E402
-from llmpress.plan.sensitivity import _hessians, _solve, _targets  # noqa: E402
+from llmpress.plan.sensitivity import _Direct, _hessians, _solve, _targets  # noqa: E402
 
 
 @torch.no_grad()
@@ -50,18 +49,7 @@ def main() -> None:
             owner[n] = u.names[0]
     t0 = time.perf_counter()
     hess = _hessians(model, mods, owner, tokens[: a.n_fit], 2, True)
-    prefix, blocks = find_blocks(model)
-    ev = tokens[: a.n_eval]
-    inputs, calls = _capture(model, blocks, ev, 4, torch.device("cpu"))
-    states = [list(inputs)]
-    for i, blk in enumerate(blocks):
-        states.append([_run_block(blk, x, c) for x, c in zip(states[-1], calls[i])])
-    norm, head = model.model.norm, model.get_output_embeddings()
-
-    def logp(hs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [F.log_softmax(head(norm(h)).float(), -1) for h in hs]
-
-    base = logp(states[-1])
+    direct = _Direct(model, tokens[: a.n_eval], 4)  # the float model's block inputs and output, cached
     print(f"setup {time.perf_counter() - t0:.0f}s", flush=True)
     want = {int(b) for b in a.blocks.split(",")}
     cands = [tuple(int(v) for v in c.split("/")) for c in a.cands.split(",")]
@@ -74,25 +62,18 @@ def main() -> None:
             if c not in opts:
                 continue
             t1 = time.perf_counter()
-            cstep = __import__("dataclasses").replace(step, bits=c[0], group_size=c[1], strategy=None, overrides=())
-            saved = {}
+            cstep = dataclasses.replace(step, bits=c[0], group_size=c[1], strategy=None, overrides=())
+            solved = {}
             for n in u.names:
-                w = linear_weight(mods[n])
-                saved[n] = w.detach().clone()
-                qw = _solve(w.detach(), hess[owner[n]], cstep, n)
-                w.data.copy_(qw.dequantize(torch.float32).to(w.dtype))
-            hs = states[u.block]
-            for i in range(u.block, len(blocks)):
-                hs = [_run_block(blocks[i], x, cc) for x, cc in zip(hs, calls[i])]
-            q = logp(hs)
-            kl = sum(float((b.exp() * (b - qq)).sum()) for b, qq in zip(base, q)) / sum(b.shape[0] * b.shape[1] for b in base)
-            for n in u.names:
-                linear_weight(mods[n]).data.copy_(saved[n])
+                w = linear_weight(mods[n]).detach()
+                solved[mods[n]] = _solve(w, hess[owner[n]], cstep, n).dequantize(torch.float32).to(w.dtype)
+            kl = direct.kl(u.block, solved)
+            pred = opts[c].kl if opts[c].kl_kfac is None else opts[c].kl_kfac
             kind = u.names[0].rsplit(".", 1)[1]
             rows.append(dict(unit=u.names[0], kind=kind, block=u.block, bits=c[0], group_size=c[1],
-                             predicted=opts[c].kl, measured=kl))
-            print(f"{u.names[0]:40s} w{c[0]} g{c[1]:4d}: predicted {opts[c].kl:.5f} measured {kl:.5f} "
-                  f"ratio {kl / max(opts[c].kl, 1e-12):.2f} ({time.perf_counter() - t1:.1f}s)", flush=True)
+                             predicted=pred, measured=kl))
+            print(f"{u.names[0]:40s} w{c[0]} g{c[1]:4d}: predicted {pred:.5f} measured {kl:.5f} "
+                  f"ratio {kl / max(pred, 1e-12):.2f} ({time.perf_counter() - t1:.1f}s)", flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(dict(model=a.model, n_fit=a.n_fit, n_eval=a.n_eval, rows=rows), indent=1))
 

@@ -26,10 +26,10 @@ from llmpress.kernels import triton_wa16 as k  # noqa: E402
 
 
 def compile_sass(fn, sig: dict, consts: dict, div16: list[str], warps: int, stages: int) -> str:
-    names = list(sig)
+    names = list(fn.arg_names)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
-    src = ASTSource(fn, {**sig, **{c: "constexpr" for c in consts}}, constexprs={(names.index(c) if c in names else
-                    list(fn.arg_names).index(c),): v for c, v in consts.items()}, attrs=attrs)
+    src = ASTSource(fn, {**sig, **{c: "constexpr" for c in consts}},
+                    constexprs={(names.index(c),): v for c, v in consts.items()}, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     with tempfile.TemporaryDirectory() as d:
@@ -46,9 +46,8 @@ def loops(sass: str) -> list[list[str]]:
         if m:
             ins.append((int(m.group(1), 16), m.group(2).strip()))
     out = []
-    for i, (addr, txt) in enumerate(ins):
-        b = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|)?.*?0x([0-9a-f]+)", txt)
-        if txt.split()[0].endswith("BRA") or " BRA " in f" {txt} ":
+    for addr, txt in ins:
+        if " BRA " in f" {txt} ":  # predicated or not
             t = re.search(r"0x([0-9a-f]+)", txt)
             if t and int(t.group(1), 16) < addr:
                 start = int(t.group(1), 16)

@@ -533,17 +533,19 @@ MIN_BLOCK_N = 8  # the narrowest column tile a configuration may use (the split-
 
 
 def _workspace(dev: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A zeroed float32 workspace (>= m * n) and arrival counters for split-K, one pair per device;
-    the kernel leaves both zeroed again. Grows outside CUDA-graph capture only. Matmuls of one
-    device must not run concurrently on several streams (one decode stream is the use here)."""
+    """A zeroed float32 row (>= n: the GEMV kernels' split-K sums; the tensor-core kernel keeps
+    its partial tiles in ``_partials``) and arrival counters for split-K tiles of up to m rows,
+    one pair per device; the kernels leave both zeroed again. Grows outside CUDA-graph capture
+    only. Matmuls of one device must not run concurrently on several streams (one decode stream
+    is the use here)."""
     key = str(dev)
     ws, cnt = _WORKSPACES.get(key, (None, None))
     tiles = triton.cdiv(n, MIN_BLOCK_N) * triton.cdiv(m, 16)  # counters for the smallest tiles (BLOCK_M >= 16)
-    if ws is None or ws.numel() < m * n or cnt.numel() < tiles:
+    if ws is None or ws.numel() < n or cnt.numel() < tiles:
         if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the split-K workspace must grow during CUDA-graph capture: run the step once "
                                "before capturing it")
-        size = max(m * n, 0 if ws is None else ws.numel())
+        size = max(n, 0 if ws is None else ws.numel())
         ws = torch.zeros(size, device=dev, dtype=torch.float32)
         cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), device=dev, dtype=torch.int32)
         _WORKSPACES[key] = (ws, cnt)
