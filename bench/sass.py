@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--dump", action="store_true")
     ap.add_argument("--no-prefetch", action="store_true", help="GEMV without its manual prefetch (for --stages > 1)")
+    ap.add_argument("--prefetch2", action="store_true", help="the GEMV prefetching two steps ahead")
+    ap.add_argument("--f16x2", action="store_true", help="the GEMV's packed-half 4-bit path")
     ap.add_argument("--lut", action="store_true", help="the code-book (NF4 / FP4) variant of the tensor-core kernel")
     a = ap.parse_args()
     per = 32 // a.bits
@@ -97,7 +99,7 @@ def main() -> None:
                    CNT="*i32", N="i32", K="i32", KW="i32", G="i32", GS="i32", stride_qn="i32", stride_sn="i32",
                    code_mask="i32")
         consts = dict(BITS=a.bits, HAS_LUT=False, HAS_BIAS=False, BLOCK_N=a.bn, NG=a.ng, WPG=a.wpg, SPLIT_K=a.sk,
-                      PREFETCH=not a.no_prefetch, EVEN=True)
+                      PREFETCH=2 if a.prefetch2 else int(not a.no_prefetch), EVEN=True, F16X2=a.f16x2)
         div = ["X", "QW", "S", "Z", "O", "WS", "CNT", "N", "K", "KW", "G", "GS", "stride_qn", "stride_sn"]
         sass = compile_sass(k._gemv_kernel, sig, consts, div, a.warps, a.stages)
         codes = a.bn * a.ng * a.wpg * per
@@ -105,6 +107,8 @@ def main() -> None:
         print(sass)
     ls = loops(sass)
     body = ls[-1] if ls else []
+    if a.kernel == "gemv" and a.f16x2 and len(ls) > 1:  # the packed-half loop, not the float32 fallback after it
+        body = max(ls, key=lambda b: sum(t.split()[0].startswith("HFMA2") for t in b))
     threads = 32 * a.warps
     print(f"loop: {len(body)} instructions per thread per step, {codes} codes per step per program, "
           f"{len(body) * threads / codes:.2f} instructions per code")
