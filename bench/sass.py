@@ -78,7 +78,6 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--dump", action="store_true")
     ap.add_argument("--no-prefetch", action="store_true", help="GEMV without its manual prefetch (for --stages > 1)")
-    ap.add_argument("--prefetch2", action="store_true", help="the GEMV prefetching two steps ahead")
     ap.add_argument("--f16x2", action="store_true", help="the GEMV's packed-half 4-bit path")
     ap.add_argument("--lut", action="store_true", help="the code-book (NF4 / FP4) variant of the tensor-core kernel")
     a = ap.parse_args()
@@ -99,7 +98,7 @@ def main() -> None:
                    CNT="*i32", N="i32", K="i32", KW="i32", G="i32", GS="i32", stride_qn="i32", stride_sn="i32",
                    code_mask="i32")
         consts = dict(BITS=a.bits, HAS_LUT=False, HAS_BIAS=False, BLOCK_N=a.bn, NG=a.ng, WPG=a.wpg, SPLIT_K=a.sk,
-                      PREFETCH=2 if a.prefetch2 else int(not a.no_prefetch), EVEN=True, F16X2=a.f16x2)
+                      PREFETCH=not a.no_prefetch, EVEN=True, F16X2=a.f16x2)
         div = ["X", "QW", "S", "Z", "O", "WS", "CNT", "N", "K", "KW", "G", "GS", "stride_qn", "stride_sn"]
         sass = compile_sass(k._gemv_kernel, sig, consts, div, a.warps, a.stages)
         codes = a.bn * a.ng * a.wpg * per

@@ -297,20 +297,13 @@ def _gemv_sum(X, LUT, qrow, S, Z, srow, rw, kw, n_ok, K, KW, G, GS, k_first, cod
     acc = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, NG, WPG // 2 if HALF else 1), dtype=tl.float32)
     p_nx, s_nx, z_nx = _gemv_loads(qrow, S, Z, srow, k_first, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT, EVEN)
-    if PREFETCH == 2:  # two steps ahead: a second set of registers in flight
-        k_2 = tl.where(k_first + STEP < K, k_first + STEP, k_first) if EVEN else k_first + STEP
-        p_n2, s_n2, z_n2 = _gemv_loads(qrow, S, Z, srow, k_2, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT, EVEN)
     for k0 in range(k_first, K, STEP):
         # the step after this one; the last step re-reads itself (no load past the end without masks)
         k_nx = tl.where(k0 + STEP < K, k0 + STEP, k0) if EVEN else k0 + STEP
         p = p_nx
         s = s_nx.to(tl.float32)
         z = z_nx.to(tl.float32)
-        if PREFETCH == 2:
-            k_nx = tl.where(k0 + 2 * STEP < K, k0 + 2 * STEP, k0) if EVEN else k0 + 2 * STEP
-            p_nx, s_nx, z_nx = p_n2, s_n2, z_n2
-            p_n2, s_n2, z_n2 = _gemv_loads(qrow, S, Z, srow, k_nx, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT, EVEN)
-        elif PREFETCH:
+        if PREFETCH:
             p_nx, s_nx, z_nx = _gemv_loads(qrow, S, Z, srow, k_nx, rw, n_ok, KW, G, GS, PER, WPG, NG, HAS_LUT, EVEN)
         if HAS_LUT:
             t = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
@@ -756,7 +749,7 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
             if sl is None:
                 raise ValueError(f"a GEMV step of {words} words does not tile groups of {p.group_size}")
             _gemv_even[(triton.cdiv(p.n, bn), sk)](*gargs, **gconsts, BLOCK_N=bn, NG=sl[0], WPG=sl[1], SPLIT_K=sk,
-                                                   PREFETCH=int(pf), num_warps=warps, num_stages=1)
+                                                   PREFETCH=bool(pf), num_warps=warps, num_stages=1)
         return out.reshape(*lead, p.n)
     mb = triton.next_power_of_2(m)
     if config is None and not INTERPRET:

@@ -184,3 +184,22 @@ def test_triton_kernel_interpreted():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", _INTERP, "7"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_gemv_wide_tiles_are_the_packed_half_paths_own():
+    """The autotuner offers the 64-words-per-thread GEMV tiles only to the packed-half path (4-bit
+    integer codes; the float32 path spills registers at that width). The packed-half path itself
+    is inline PTX, checked on the GPU only (bench/gemv_probe.py)."""
+    pytest.importorskip("triton")
+    from llmpress.kernels import triton_wa16 as tw
+
+    cfgs = tw._GEMV_AUTOTUNE["configs"]
+    wide = [c for c in cfgs if c.kwargs["BLOCK_N"] * c.kwargs["WORDS"] > 32 * 32 * c.num_warps]
+    assert wide  # there are such tiles to prune
+    args = {"GS": 128, "K": 4096}
+    n = len(cfgs)
+    assert len(tw._prune_gemv(cfgs, args, BITS=4, F16X2=True, HAS_LUT=False)) == n
+    for kw in (dict(BITS=4, F16X2=False), dict(BITS=8, F16X2=True), dict(BITS=4, F16X2=True, HAS_LUT=True)):
+        kept = tw._prune_gemv(cfgs, args, **kw)
+        assert len(kept) == n - len(wide), kw
+        assert all(c.kwargs["BLOCK_N"] * c.kwargs["NG"] * c.kwargs["WPG"] <= 32 * 32 * c.num_warps for c in kept)
