@@ -35,8 +35,6 @@ def main() -> None:
     ap.add_argument("--n-sens", type=int, default=16, help="calibration samples the errors are scored on")
     ap.add_argument("--n-fit", type=int, default=0, help="further calibration samples the solvers fit on (0: same)")
     ap.add_argument("--direct", type=int, default=0, help="samples each candidate's real output KL is measured on (0: K-FAC only)")
-    ap.add_argument("--direct-base", help="with --direct: measure at this operating point, BITS/GROUP (e.g. 3/-1) "
-                    "or a number of bits (the nearest uniform candidate)")
     ap.add_argument("--also-kfac", action="store_true", help="with --direct: also plan from the same run's K-FAC estimates")
     ap.add_argument("--n-windows", type=int, default=24)
     ap.add_argument("--work", default="/tmp/llmpress-plan-bench")
@@ -59,8 +57,7 @@ def main() -> None:
         sens = measure(model, tokens[: a.n_sens], step, [int(b) for b in a.bits.split(",")],
                        [int(g) for g in a.group_sizes.split(",")], name=a.model,
                        fit_tokens=tokens[a.n_sens : a.n_sens + a.n_fit] if a.n_fit else None,
-                       direct_tokens=tokens[: a.direct] if a.direct else None,
-                       direct_base=_base(a.direct_base))
+                       direct_tokens=tokens[: a.direct] if a.direct else None)
         sens.save(sens_file)
         del model
     print(f"sensitivity: {len(sens.units)} units, {sens.tokens} tokens, {sens.seconds:.0f}s", flush=True)
@@ -72,7 +69,6 @@ def main() -> None:
     if a.also_kfac and any(o.kl_kfac is not None for u in sens.units for o in u.options):
         # the same run's K-FAC estimates alone, planned the same way (what --direct changes)
         kf = copy.deepcopy(sens)
-        kf.kl_offset = 0.0
         for u in kf.units:
             for o in u.options:
                 if o.kl_kfac is not None:
@@ -115,9 +111,7 @@ def main() -> None:
             r.update(uniform_best=best and best["name"], uniform_best_ppl=best and best["ppl"],
                      uniform_best_kl=best and best["kl"], uniform_best_size_mb=best and best["size_mb"])
     res = dict(model=a.model, preset=a.preset, base_ppl=evb.ppl, base_size_mb=evb.size_mb, sensitivity=dict(
-        units=len(sens.units), tokens=sens.tokens, seconds=sens.seconds, bits=a.bits, group_sizes=a.group_sizes,
-        direct_tokens=sens.meta.get("direct_tokens", 0), direct_base=sens.meta.get("direct_base"),
-        kl_offset=sens.kl_offset),
+        units=len(sens.units), tokens=sens.tokens, seconds=sens.seconds, bits=a.bits, group_sizes=a.group_sizes),
         machine="2-core CPU, fp32", rows=rows)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"plan-{a.model}.json").write_text(json.dumps(res, indent=1))
@@ -127,12 +121,6 @@ def main() -> None:
     print("| " + " | ".join(cols) + " |")
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-
-
-def _base(s: str | None):
-    if not s:
-        return None
-    return tuple(int(x) for x in s.split("/")) if "/" in s else float(s)
 
 
 def report(res: dict, sens: Sensitivity, out: Path) -> None:

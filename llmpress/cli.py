@@ -213,10 +213,6 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--direct-samples", type=int, default=0, help="measure each candidate's real output KL on this "
                     "many of the scoring samples (one forward of the later blocks per candidate) instead of "
                     "trusting the second-order estimate; 0 = estimate only")
-    pl.add_argument("--direct-base", default="auto", help="with --direct-samples: the operating point the costs are "
-                    "measured around (every other unit at this setting): BITS/GROUP (e.g. 3/-1), 'auto' (the "
-                    "candidate whose uniform allocation is nearest the target; none for --max-kl) or 'none' "
-                    "(each unit alone in the float model)")
     pl.add_argument("--seqlen", type=int, default=512)
     pl.add_argument("--batch-size", type=int, default=2)
     pl.add_argument("--sensitivity", help="JSON file: reused when it exists (re-plan in seconds), written otherwise")
@@ -616,8 +612,6 @@ def _plan(a: argparse.Namespace) -> dict:
     steps = [s for s in lp.recipe(a.preset).steps if isinstance(s, QuantStep)]
     if len(steps) != 1:
         raise RecipeError(f"--preset {a.preset!r} must have exactly one quantization step to plan")
-    if a.direct_base.strip().lower() not in ("auto", "none"):
-        _direct_base(a, None, None, None)  # a bad value is refused before anything loads
     sf = Path(a.sensitivity) if a.sensitivity else None
     if sf is not None and sf.exists():
         sens = Sensitivity.load(sf)
@@ -627,8 +621,7 @@ def _plan(a: argparse.Namespace) -> dict:
         tokens = lp.data.calibration(a.calib, a.n_samples + a.fit_samples, a.seqlen).tokens(model.llmpress_tokenizer)
         sens = measure(model, tokens[: a.n_samples], steps[0], bits, groups, batch_size=a.batch_size, name=a.model,
                        fit_tokens=tokens[a.n_samples :] if a.fit_samples else None,
-                       direct_tokens=tokens[: min(a.direct_samples, a.n_samples)] if a.direct_samples > 0 else None,
-                       direct_base=_direct_base(a, model, steps[0], target_size) if a.direct_samples > 0 else None)
+                       direct_tokens=tokens[: min(a.direct_samples, a.n_samples)] if a.direct_samples > 0 else None)
         if sf is not None:
             sens.save(sf)
     p = allocate(sens, target_bits=a.target_bits, target_size_mb=target_size, max_kl=a.max_kl)
@@ -645,31 +638,6 @@ def _plan(a: argparse.Namespace) -> dict:
     print("  layers per setting: " + ", ".join(f"w{b} g{g}: {n}" for (b, g), n in sorted(counts.items())))
     print(f"  recipe written to {out}; run: llmpress compress {a.model} --recipe {out} -o OUT")
     return {"summary": s, "layers": p.layers(), "recipe": str(out)}
-
-
-def _direct_base(a: argparse.Namespace, model, step, target_size: float | None) -> tuple[int, int] | float | None:
-    """--direct-base as measure() takes it: a (bits, group) pair, a number of bits, or None."""
-    from llmpress.recipe import RecipeError
-
-    v = a.direct_base.strip().lower()
-    if v == "none" or (v == "auto" and a.max_kl is not None):
-        return None
-    if v == "auto":
-        if a.target_bits is not None:
-            return float(a.target_bits)
-        from llmpress.eval.ppl import model_size
-        from llmpress.models import linear_weight
-        from llmpress.plan.sensitivity import _targets
-
-        ws = [linear_weight(m) for m in _targets(model, step).values()]
-        dense = sum(w.numel() * w.element_size() for w in ws)
-        rest = model_size(model)[0] * 1e6 - dense  # what the plan does not choose
-        return 8 * (target_size * 1e6 - rest) / sum(w.numel() for w in ws)
-    try:
-        b, g = (int(x) for x in v.split("/"))
-    except ValueError:
-        raise RecipeError(f"--direct-base {a.direct_base!r}: give BITS/GROUP (e.g. 3/-1), auto or none") from None
-    return b, g
 
 
 def _compare(a: argparse.Namespace) -> dict:

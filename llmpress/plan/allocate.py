@@ -32,7 +32,7 @@ class Plan:
 
     @property
     def kl(self) -> float:
-        return self.sens.kl_offset + sum(self.option(i).kl for i in range(len(self.choice)))
+        return sum(self.option(i).kl for i in range(len(self.choice)))
 
     @property
     def planned_bytes(self) -> int:
@@ -189,9 +189,9 @@ def allocate(sens: Sensitivity, *, target_bits: float | None = None, target_size
         if not max_kl >= 0:
             raise BudgetError(f"max_kl={max_kl} must be a non-negative number of nats per token")
         best, picks, q = _dp(sens, hi)
-        ok = np.nonzero(best + sens.kl_offset <= max_kl)[0]
+        ok = np.nonzero(best <= max_kl)[0]
         if len(ok) == 0:
-            floor = sens.kl_offset + sum(min(o.kl for o in u.options) for u in sens.units)
+            floor = sum(min(o.kl for o in u.options) for u in sens.units)
             raise BudgetError(f"max_kl={max_kl} is below the least predicted KL of any candidate allocation "
                               f"({floor:.4g}); raise it or add more bits to the candidates")
         return Plan(sens, _trace(sens, picks, int(ok[0]), q), f"KL <= {max_kl:g}")

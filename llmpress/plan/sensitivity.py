@@ -15,7 +15,6 @@ Everything per candidate is a quantization solve and two matmuls: no extra forwa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -72,9 +71,6 @@ class Sensitivity:
     tokens: int
     seconds: float
     meta: dict = field(default_factory=dict)
-    # measured at an operating point: the options' ``kl`` are changes from this KL (of every unit
-    # at the operating point's setting), so a plan's KL is this plus the sum of its options'
-    kl_offset: float = 0.0
 
     def base_step(self) -> QuantStep:
         return QuantStep(**{k: (tuple(v) if k in ("targets", "ignore", "overrides") else v)
@@ -232,67 +228,41 @@ class _Direct:
     weights change: the float model's hidden states entering every block are kept, so a
     candidate costs the forward of the blocks from its own to the last, plus the output head."""
 
-    def __init__(self, model: nn.Module, tokens: torch.Tensor, batch_size: int,
-                 context: dict[nn.Module, torch.Tensor] | None = None) -> None:
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, batch_size: int) -> None:
         from llmpress.calibrate import _capture, _run_block
 
         self.run_block = _run_block
         _, self.blocks = find_blocks(model)
         dev = next(model.parameters()).device
         inputs, self.calls = _capture(model, self.blocks, tokens, batch_size, dev)
-        self.norm, self.head = _final_norm(model), model.get_output_embeddings()
-        self.n = sum(h.shape[0] * h.shape[1] for h in inputs)
-        self.context = context or {}
-        self.block_of = {id(m): i for i, b in enumerate(self.blocks) for m in b.modules()}
+        self.states = [list(inputs)]
         with torch.inference_mode():
-            states = self._states(inputs)
-            self.base = [self._logp(h) for h in states[-1]]
-            if self.context:
-                with self._swapped(self.context):
-                    states = self._states(inputs)
-                    self.kl0 = self._kl(states[-1])
-            else:
-                self.kl0 = 0.0
-        self.states = states[:-1]  # the last block's outputs are only needed for the distributions
-
-    def _states(self, inputs: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
-        states = [list(inputs)]
-        for i, blk in enumerate(self.blocks):
-            states.append([self.run_block(blk, x, c) for x, c in zip(states[-1], self.calls[i])])
-        return states
-
-    @contextlib.contextmanager
-    def _swapped(self, weights: dict[nn.Module, torch.Tensor]):
-        saved = {m: linear_weight(m).detach().clone() for m in weights}
-        try:
-            for m, w in weights.items():
-                linear_weight(m).data.copy_(w)
-            yield
-        finally:
-            for m, w in saved.items():
-                linear_weight(m).data.copy_(w)
-
-    def _kl(self, outs: Sequence[torch.Tensor]) -> float:
-        total = 0.0
-        for b, h in zip(self.base, outs):
-            total += float((b.exp() * (b - self._logp(h))).sum())
-        return total / self.n
+            for i, blk in enumerate(self.blocks):
+                self.states.append([_run_block(blk, x, c) for x, c in zip(self.states[-1], self.calls[i])])
+        self.norm, self.head = _final_norm(model), model.get_output_embeddings()
+        self.base = [self._logp(h) for h in self.states[-1]]
+        self.states.pop()  # the last block's outputs are only needed for the base distribution
+        self.n = sum(h.shape[0] * h.shape[1] for h in inputs)
 
     def _logp(self, h: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.head(self.norm(h)).float(), dim=-1)
 
     @torch.inference_mode()
     def kl(self, block: int, weights: dict[nn.Module, torch.Tensor]) -> float:
-        """KL(float || model) with ``weights`` in place; the rest at the context's weights (if
-        any, measured from the context model's hidden states entering ``block``) or float."""
-        later = {m: w for m, w in self.context.items() if self.block_of.get(id(m), -1) >= block}
-        with self._swapped({**later, **weights}):
-            outs = []
+        saved = {m: linear_weight(m).detach().clone() for m in weights}
+        try:
+            for m, w in weights.items():
+                linear_weight(m).data.copy_(w)
+            total = 0.0
             for j, h in enumerate(self.states[block]):
                 for i in range(block, len(self.blocks)):
                     h = self.run_block(self.blocks[i], h, self.calls[i][j])
-                outs.append(h)
-            return self._kl(outs)
+                b = self.base[j]
+                total += float((b.exp() * (b - self._logp(h))).sum())
+            return total / self.n
+        finally:
+            for m, w in saved.items():
+                linear_weight(m).data.copy_(w)
 
 
 def kfac_kl(delta: torch.Tensor, h: torch.Tensor, g: torch.Tensor) -> float:
@@ -316,7 +286,6 @@ def measure(
     fit_tokens: torch.Tensor | None = None,
     direct_tokens: torch.Tensor | None = None,
     direct_max_bits: int = 4,
-    direct_base: tuple[int, int] | float | None = None,
 ) -> Sensitivity:
     """Measure every planned unit's predicted KL and storage at every candidate setting.
 
@@ -334,15 +303,6 @@ def measure(
     (the K-FAC value stays in ``Option.kl_kfac``). On smollm2-135m the K-FAC estimate was off by
     0.04x to 3.6x per unit (massive-activation inputs, attention output projections); the cost is
     one forward of the blocks after the unit per candidate.
-
-    With ``direct_base`` too (a candidate ``(bits, group_size)``, or a number of bits: the
-    candidate whose uniform allocation is nearest that average), every candidate is measured at
-    that *operating point*: all other units hold the operating point's solved weights, and the
-    option's ``kl`` is the change from the KL of the operating point itself (kept in
-    ``Sensitivity.kl_offset``; an option can be negative). Costs measured from the float model
-    add up badly when many units move at once (on smollm2-135m a 3-bit plan's joint KL was 1.4x
-    the sum of its units' costs); around a nearby operating point the errors a unit meets are
-    the ones the plan will have.
     """
     from llmpress.eval.ppl import model_size
 
@@ -359,24 +319,11 @@ def measure(
             raise ValueError(f"{n}: weight contains NaN or inf; refusing to plan a corrupted model")
     hess, fisher, owner, n_tok = _fisher_pass(model, mods, tokens, batch_size, seed, progress)
     fit = hess if fit_tokens is None else _hessians(model, mods, owner, fit_tokens, batch_size, progress)
+    direct = _Direct(model, direct_tokens, batch_size) if direct_tokens is not None else None
     prefix = find_blocks(model)[0] + "."
     groups: dict[str, list[str]] = {}
     for n in mods:
         groups.setdefault(owner[n], []).append(n)
-    base_c, context, base_q = None, {}, {}
-    if direct_base is not None:
-        if direct_tokens is None:
-            raise ValueError("direct_base needs direct_tokens (the samples the operating point is measured on)")
-        base_c = _operating_point(mods, cands, direct_base)
-        for own, names in tqdm(list(groups.items()), desc=f"operating point w{base_c.bits} g{base_c.group_size}",
-                               unit="unit", disable=not progress):
-            for n in names:
-                w = linear_weight(mods[n]).detach()
-                base_q[n] = _solve(w, fit[own], base_c, n)
-                context[mods[n]] = base_q[n].dequantize(torch.float32).to(w.dtype)
-    direct = _Direct(model, direct_tokens, batch_size, context) if direct_tokens is not None else None
-    if base_c is not None:
-        log.info("operating point w%d g%d: KL %.4f nats/token", base_c.bits, base_c.group_size, direct.kl0)
     units = []
     skipped: set[tuple] = set()
     total = sum(len(v) for v in groups.values()) * len(cands)
@@ -397,23 +344,18 @@ def measure(
                 continue
             kl, nbytes = 0.0, 0
             solved = {}
-            is_base = base_c is not None and (c.bits, c.group_size) == (base_c.bits, base_c.group_size)
             for n, w in ws.items():
-                qw = base_q[n] if is_base else _solve(w, hf, c, n)
+                qw = _solve(w, hf, c, n)
                 wq = qw.dequantize(torch.float32)
                 kl += kfac_kl(wq - w.float(), h, fisher[n].to(h.device))
                 nbytes += math.ceil(qw.storage_bits() / 8)  # packed codes, scales, zero points
-                if direct is not None and (base_c is not None or c.bits <= direct_max_bits):
+                if direct is not None and c.bits <= direct_max_bits:
                     solved[mods[n]] = wq.to(w.dtype)
                 bar.update(1)
             # the shape tensor and the header entries of each layer's tensors
             u.overhead = sum(16 + _header(n, 3 + (not c.symmetric)) for n in names)
             if solved and blk is not None:
-                if base_c is None:
-                    d = max(direct.kl(blk, solved), 0.0)
-                else:  # the change from the operating point (zero at the operating point itself)
-                    d = 0.0 if is_base else direct.kl(blk, solved) - direct.kl0
-                u.options.append(Option(c.bits, c.group_size, nbytes, d, kl))
+                u.options.append(Option(c.bits, c.group_size, nbytes, max(direct.kl(blk, solved), 0.0), kl))
             else:
                 u.options.append(Option(c.bits, c.group_size, nbytes, kl))
         if not u.options:
@@ -431,37 +373,4 @@ def measure(
     d["overrides"] = []
     return Sensitivity(name, d, units, fixed, dense, n_tok, time.perf_counter() - t0,
                        dict(bits=list(bits), group_sizes=list(group_sizes), seed=seed,
-                            direct_tokens=0 if direct is None else direct.n, direct_max_bits=direct_max_bits,
-                            direct_base=None if base_c is None else [base_c.bits, base_c.group_size]),
-                       kl_offset=0.0 if base_c is None else direct.kl0)
-
-
-def _operating_point(mods: dict[str, nn.Module], cands: list[QuantStep], base: tuple[int, int] | float) -> QuantStep:
-    """The candidate ``base`` names, or (a number) the one whose uniform allocation's average bits
-    per weight, scales included, is nearest it; it must fit every planned layer."""
-    from llmpress.quant.rtn import rtn
-
-    def fits(c: QuantStep) -> bool:
-        try:
-            for m in mods.values():
-                c.scheme().check_shape(linear_weight(m).shape)
-            return True
-        except ValueError:
-            return False
-
-    ok = [c for c in cands if fits(c)]
-    if isinstance(base, tuple):
-        hit = [c for c in ok if (c.bits, c.group_size) == tuple(base)]
-        if not hit:
-            raise RecipeError(f"operating point w{base[0]} g{base[1]} is not a candidate that fits every planned layer; "
-                              f"those are {[(c.bits, c.group_size) for c in ok]}")
-        return hit[0]
-    if not ok:
-        raise RecipeError("no candidate fits every planned layer, so none can be the operating point; "
-                          "add -1 (per channel) to the group sizes")
-    n = sum(linear_weight(m).numel() for m in mods.values())
-
-    def avg_bits(c: QuantStep) -> float:
-        return sum(rtn(linear_weight(m).detach(), c.scheme()).storage_bits() for m in mods.values()) / n
-
-    return min(ok, key=lambda c: (abs(avg_bits(c) - float(base)), c.bits, c.group_size))
+                            direct_tokens=0 if direct is None else direct.n, direct_max_bits=direct_max_bits))

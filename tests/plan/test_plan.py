@@ -14,7 +14,7 @@ from llmpress import calibrate
 from llmpress.models import linear_weight
 from llmpress.plan import BudgetError, Sensitivity, allocate, measure, uniform
 from llmpress.plan.sensitivity import _solve
-from llmpress.recipe import Recipe, RecipeError
+from llmpress.recipe import Recipe
 from conftest import correlated_tokens, tiny_model
 
 GPTQ = lp.recipe("w4a16-gptq").steps[0]
@@ -36,34 +36,24 @@ def _kl(model, base, tokens):
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-def _solved(model, unit, tokens, bits: int, group_size: int) -> dict:
-    """``unit``'s layers GPTQ-solved at (bits, group_size), from the Hessian of the unit's input
-    on ``model`` (the float model, as the sensitivity pass sees it): name -> weight."""
+def _unit_alone(model, unit, tokens, bits: int, group_size: int):
+    """A copy of ``model`` with only ``unit``'s layers GPTQ-compressed at (bits, group_size),
+    from the Hessian of the unit's input on the base model (as the sensitivity pass sees it)."""
+    m = copy.deepcopy(model)
     step = GPTQ.__class__(**{**GPTQ.to_dict(), "bits": bits, "group_size": group_size, "strategy": None,
                              "targets": ("Linear",), "ignore": ("lm_head",), "overrides": ()})
     x_h = {}
-    h = model.get_submodule(unit.names[0]).register_forward_hook(
+    h = m.get_submodule(unit.names[0]).register_forward_hook(
         lambda mm, a, o: x_h.update(x=a[0].detach().reshape(-1, a[0].shape[-1])))
     with torch.no_grad():
-        model(input_ids=tokens)
+        m(input_ids=tokens)
     h.remove()
     H = 2 * x_h["x"].T @ x_h["x"] / x_h["x"].shape[0]
-    return {n: _solve(linear_weight(model.get_submodule(n)).detach().clone(), H, step, n).dequantize(torch.float32)
-            for n in unit.names}
-
-
-def _with(model, weights: dict):
-    """A copy of ``model`` with these layers' weights replaced."""
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, w in weights.items():
-            linear_weight(m.get_submodule(n)).copy_(w)
+    for n in unit.names:
+        w = linear_weight(m.get_submodule(n))
+        with torch.no_grad():
+            w.copy_(_solve(w.detach().clone(), H, step, n).dequantize(torch.float32))
     return m
-
-
-def _unit_alone(model, unit, tokens, bits: int, group_size: int):
-    """A copy of ``model`` with only ``unit``'s layers GPTQ-compressed at (bits, group_size)."""
-    return _with(model, _solved(model, unit, tokens, bits, group_size))
 
 
 def test_units_group_layers_that_share_an_input(setup):
@@ -243,13 +233,6 @@ def test_plan_cli(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
     direct = Sensitivity.load(sd)
     assert direct.meta["direct_tokens"] == 2 * 32
     assert all(o.kl_kfac is not None for u in direct.units for o in u.options)  # every candidate here is <= 4 bits
-    assert direct.meta["direct_base"] is not None and direct.kl_offset > 0  # auto: around the nearest uniform setting
-    assert main(["plan", str(tiny_dir), "--target-bits", "3.5", "-o", str(tmp_path / "pn.yaml"), *common[:-1],
-                 str(tmp_path / "sn.json"), "--direct-samples", "2", "--direct-base", "none"]) == 0
-    assert Sensitivity.load(tmp_path / "sn.json").meta["direct_base"] is None
-    assert main(["plan", str(tiny_dir), "--target-bits", "3.5", "-o", str(tmp_path / "pb.yaml"), *common[:-1],
-                 str(tmp_path / "sb.json"), "--direct-samples", "2", "--direct-base", "3-bit"]) == 2
-    assert "--direct-base" in capsys.readouterr().err
 
     def boom(*a, **k):
         raise AssertionError("the sensitivity file should have been reused")
@@ -280,39 +263,3 @@ def test_direct_measurement_is_the_real_kl_of_each_unit_alone(setup):
         assert eight.kl_kfac is None
         m = _unit_alone(model, u, tokens, 2, 32)
         assert opt.kl == pytest.approx(_kl(m, model, tokens[:3]), rel=1e-3)
-
-
-def test_operating_point_costs_are_real_changes_from_the_operating_point(setup):
-    """With an operating point, the offset is the real KL of every unit at that setting, each
-    option is the real change when its unit alone moves away from it (checked through full
-    forwards of copies), the operating point's own options cost nothing, and a plan's KL is the
-    offset plus its options'."""
-    from llmpress.plan.sensitivity import _operating_point, _targets, candidates
-
-    model, tokens, _ = setup
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    sens = measure(model, tokens, GPTQ, bits=(2, 3), group_sizes=(32, -1), progress=False, direct_tokens=tokens[:3],
-                   direct_base=(3, -1))
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert sens.meta["direct_base"] == [3, -1]
-    at_base = {}
-    for u in sens.units:
-        at_base.update(_solved(model, u, tokens, 3, -1))
-    assert sens.kl_offset == pytest.approx(_kl(_with(model, at_base), model, tokens[:3]), rel=1e-3)
-    assert uniform(sens, 3, -1).kl == sens.kl_offset
-    for u in sens.units:
-        assert next(o for o in u.options if (o.bits, o.group_size) == (3, -1)).kl == 0.0
-    for u in (sens.units[0], sens.units[-1]):
-        opt = next(o for o in u.options if (o.bits, o.group_size) == (2, 32))
-        moved = _with(model, {**at_base, **_solved(model, u, tokens, 2, 32)})
-        assert sens.kl_offset + opt.kl == pytest.approx(_kl(moved, model, tokens[:3]), rel=1e-3)
-        assert opt.kl > 0  # 2-bit is worse than 3-bit here
-    # a number picks the candidate whose uniform allocation is nearest that many bits
-    mods = _targets(model, GPTQ)
-    cands = candidates(GPTQ, (2, 3, 4), (32, -1))
-    assert [(c.bits, c.group_size) for c in [_operating_point(mods, cands, 3.0)]] == [(2, 32)]
-    assert _operating_point(mods, cands, 4.05).bits == 3
-    with pytest.raises(ValueError, match="direct_tokens"):
-        measure(model, tokens, GPTQ, bits=(2, 3), group_sizes=(32,), progress=False, direct_base=(3, 32))
-    with pytest.raises(RecipeError, match="not a candidate"):
-        _operating_point(mods, cands, (5, 32))
