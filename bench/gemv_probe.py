@@ -50,6 +50,17 @@ def configs(quick: bool, wide: bool = False) -> list[tuple]:
 def check(dev, cases: int = 36) -> tuple[int, int, float]:
     g = torch.Generator().manual_seed(1)
     worst, n_ok, n_all = 0.0, 0, 0
+
+    def score(y, ref, *what) -> None:
+        nonlocal worst, n_ok, n_all
+        err = float(((y.float() - ref).norm() / ref.norm()).item())
+        worst = max(worst, err)
+        n_all += 1
+        good = bool(torch.isfinite(y).all()) and err < 1e-2
+        n_ok += good
+        if not good:
+            print("  FAIL", *what, err, flush=True)
+
     schemes = [QuantScheme(4, True, "group", 128), QuantScheme(4, False, "group", 64), QuantScheme(8, True, "channel"),
                QuantScheme(3, False, "group", 64), QuantScheme(4, True, "channel"), "nf4", "hqq"]
     for i in range(cases):
@@ -66,14 +77,7 @@ def check(dev, cases: int = 36) -> tuple[int, int, float]:
         for cfg in configs(True)[i % 5 :: 7]:
             if tw._slices(p.bits, p.group_size, p.k, cfg[1]) is None:
                 continue
-            y = tw.matmul(x, p, b, gemv_config=cfg)
-            err = float(((y.float() - ref).norm() / ref.norm()).item())
-            worst = max(worst, err)
-            n_all += 1
-            good = bool(torch.isfinite(y).all()) and err < 1e-2
-            n_ok += good
-            if not good:
-                print("  FAIL", sch if isinstance(sch, str) else sch.describe(), n, k, cfg, err, flush=True)
+            score(tw.matmul(x, p, b, gemv_config=cfg), ref, sch if isinstance(sch, str) else sch.describe(), n, k, cfg)
     # activations in the thousands: the packed-half path's fp16 sums overflow and the programs
     # that saw it must redo their share in float32 (a wrong or infinite result fails here)
     for scale in (1e3, 3e4):
@@ -83,14 +87,7 @@ def check(dev, cases: int = 36) -> tuple[int, int, float]:
         x = (torch.randn(1, 4096, generator=g) * scale).to(dev, torch.bfloat16)
         ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32).to(dev), None)
         for cfg in ((16, 128, 1, 4, True), (32, 64, 4, 4, True)):
-            y = tw.matmul(x, p, None, gemv_config=cfg)
-            err = float(((y.float() - ref).norm() / ref.norm()).item())
-            worst = max(worst, err)
-            n_all += 1
-            good = bool(torch.isfinite(y).all()) and err < 1e-2
-            n_ok += good
-            if not good:
-                print("  FAIL large x", scale, cfg, err, flush=True)
+            score(tw.matmul(x, p, None, gemv_config=cfg), ref, "large x", scale, cfg)
     return n_ok, n_all, worst
 
 

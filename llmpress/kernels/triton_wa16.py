@@ -155,43 +155,29 @@ def _x_at(X, kx, K, EVEN: tl.constexpr):
 # sum from cancelling against the zero point later. Eight HFMA2 against x pairs (x_j, x_{j+4})
 # accumulate both words; the two halves are summed in fp32. 31 instructions per 16 codes,
 # against ~52 for the FP32 path.
-_W4X2_DOT_F16X2 = tl.constexpr("""{
-.reg .b32 a, b, c, d, t, m0, m1, acc;
-.reg .b16 lo, hi;
-.reg .f32 f0, f1;
-mov.b32 m0, 0x64086408;
-mov.b32 m1, 0x64806480;
-lop3.b32 a, $1, 0x000f000f, 0x64006400, 0xea;
-lop3.b32 b, $1, 0x00f000f0, 0x64006400, 0xea;
-shr.u32 t, $1, 8;
+def _w4_word_f16x2(word: str, xa: str, xb: str, xc: str, xd: str) -> str:
+    """PTX: one word's 8 codes to centred fp16 pairs, multiplied into ``acc`` against x pairs."""
+    return f"""lop3.b32 a, {word}, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 b, {word}, 0x00f000f0, 0x64006400, 0xea;
+shr.u32 t, {word}, 8;
 lop3.b32 c, t, 0x000f000f, 0x64006400, 0xea;
 lop3.b32 d, t, 0x00f000f0, 0x64006400, 0xea;
 sub.f16x2 a, a, m0;
 sub.f16x2 b, b, m1;
 sub.f16x2 c, c, m0;
 sub.f16x2 d, d, m1;
-mul.rn.f16x2 acc, a, $3;
-fma.rn.f16x2 acc, b, $4, acc;
-fma.rn.f16x2 acc, c, $5, acc;
-fma.rn.f16x2 acc, d, $6, acc;
-lop3.b32 a, $2, 0x000f000f, 0x64006400, 0xea;
-lop3.b32 b, $2, 0x00f000f0, 0x64006400, 0xea;
-shr.u32 t, $2, 8;
-lop3.b32 c, t, 0x000f000f, 0x64006400, 0xea;
-lop3.b32 d, t, 0x00f000f0, 0x64006400, 0xea;
-sub.f16x2 a, a, m0;
-sub.f16x2 b, b, m1;
-sub.f16x2 c, c, m0;
-sub.f16x2 d, d, m1;
-fma.rn.f16x2 acc, a, $7, acc;
-fma.rn.f16x2 acc, b, $8, acc;
-fma.rn.f16x2 acc, c, $9, acc;
-fma.rn.f16x2 acc, d, $10, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 f0, lo;
-cvt.f32.f16 f1, hi;
-add.f32 $0, f0, f1;
-}""")
+fma.rn.f16x2 acc, a, {xa}, acc;
+fma.rn.f16x2 acc, b, {xb}, acc;
+fma.rn.f16x2 acc, c, {xc}, acc;
+fma.rn.f16x2 acc, d, {xd}, acc;
+"""
+
+
+_W4X2_DOT_F16X2 = tl.constexpr(
+    "{\n.reg .b32 a, b, c, d, t, m0, m1, acc;\n.reg .b16 lo, hi;\n.reg .f32 f0, f1;\n"
+    "mov.b32 m0, 0x64086408;\nmov.b32 m1, 0x64806480;\nmov.b32 acc, 0;\n"
+    + _w4_word_f16x2("$1", "$3", "$4", "$5", "$6") + _w4_word_f16x2("$2", "$7", "$8", "$9", "$10")
+    + "mov.b32 {lo, hi}, acc;\ncvt.f32.f16 f0, lo;\ncvt.f32.f16 f1, hi;\nadd.f32 $0, f0, f1;\n}")
 
 
 @triton.jit
