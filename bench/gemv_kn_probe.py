@@ -1,0 +1,202 @@
+"""Probe: an M = 1 GEMV over a K-major packed layout (words [K / 8, N], each word row one
+coalesced line across columns; scales and zero points [G, N]), one program per (column tile,
+share of K) with no loop over K, partial sums added atomically (GemLite's "split-K GEMV" shape),
+against the shipped GEMV (words [N, K / 8], a loop over K per program) and bf16 cuBLAS.
+
+Same packed-half arithmetic as the shipped kernel (``triton_wa16._W4X2_DOT_F16X2``), so the
+comparison is the layout and the work split, not the instruction mix.
+
+    python bench/gemv_kn_probe.py --out DIR          # H100: check, sweep, table, JSON
+    TRITON_INTERPRET=1 python bench/gemv_kn_probe.py --interpret   # CPU: float32 path only
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from llmpress.kernels import layout  # noqa: E402
+from llmpress.kernels import triton_wa16 as tw  # noqa: E402
+from llmpress.quant.primitives import QuantScheme  # noqa: E402
+
+
+@triton.jit
+def _gemv_kn(X, QT, ST, ZT, O, WS, CNT, N, K, GS,
+             BLOCK_N: tl.constexpr, BW: tl.constexpr, STEPS: tl.constexpr, SPLIT: tl.constexpr,
+             HALF: tl.constexpr):
+    """Program (pid_n, pid_k): columns [pid_n * BLOCK_N, +BLOCK_N), codes of STEPS steps of BW
+    words per column from k = pid_k * STEPS * BW * 8 on (a step inside one group)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for st in tl.static_range(STEPS):
+        w0 = (pid_k * STEPS + st) * BW  # first word row of the step
+        k0 = w0 * 8
+        g = k0 // GS
+        s = tl.load(ST + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(ZT + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if HALF:
+            ri = tl.arange(0, BW // 2)
+            pe = tl.load(QT + (w0 + 2 * ri)[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)
+            po = tl.load(QT + (w0 + 2 * ri + 1)[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)
+            kb = (k0 + 16 * ri)[:, None]
+            a0, b0, c0, d0, xs0 = tw._x_pairs(X, kb, K, 0.25, True)
+            a1, b1, c1, d1, xs1 = tw._x_pairs(X, kb + 8, K, 0.25, True)
+            t = tl.inline_asm_elementwise(
+                tw._W4X2_DOT_F16X2, "=f,r,r,r,r,r,r,r,r,r,r",
+                [pe, po, tl.broadcast_to(a0, pe.shape), tl.broadcast_to(b0, pe.shape), tl.broadcast_to(c0, pe.shape),
+                 tl.broadcast_to(d0, pe.shape), tl.broadcast_to(a1, pe.shape), tl.broadcast_to(b1, pe.shape),
+                 tl.broadcast_to(c1, pe.shape), tl.broadcast_to(d1, pe.shape)],
+                dtype=tl.float32, is_pure=True, pack=1)
+            xs = tl.sum(xs0 + xs1, axis=0)  # [1]
+            acc += tl.sum(t, axis=0) * (s * 4.0) - (z - 8.0) * s * xs
+        else:
+            ri = tl.arange(0, BW)
+            p = tl.load(QT + (w0 + ri)[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)
+            t = tl.zeros((BW, BLOCK_N), dtype=tl.float32)
+            xs = tl.zeros((BW, 1), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(X + (k0 + 8 * ri + j)[:, None]).to(tl.float32)
+                xs += xj
+                t += ((p >> (4 * j)) & 15).to(tl.float32) * xj
+            acc += tl.sum(t, axis=0) * s - z * s * tl.sum(xs, axis=0)
+    tw._store_row(acc, offs_n, n_ok, X, O, WS, CNT, pid_n, SPLIT, False)
+
+
+def kn_layout(p: layout.PackedWeight):
+    """Words [KW, N], scales / zero points [G, N] (4-bit only)."""
+    assert p.bits == 4
+    return p.qw.t().contiguous(), p.scale.t().contiguous(), p.zero.t().contiguous()
+
+
+def kn_matmul(x: torch.Tensor, p: layout.PackedWeight, kn, cfg, half: bool) -> torch.Tensor:
+    qt, st, zt = kn
+    bn, bw, steps, warps = cfg
+    k_words = p.k // 8
+    assert k_words % (bw * steps) == 0 and (p.group_size // 8) % bw == 0 or p.group_size >= p.k
+    split = k_words // (bw * steps)
+    out = torch.empty(1, p.n, device=x.device, dtype=x.dtype)
+    ws, cnt = tw._workspace(x.device, 1, p.n)
+    gs = p.group_size if p.group_size < p.k else 1 << 30
+    _gemv_kn[(triton.cdiv(p.n, bn), split)](x, qt, st, zt, out, ws, cnt, p.n, p.k, gs, BLOCK_N=bn, BW=bw,
+                                            STEPS=steps, SPLIT=split, HALF=half, num_warps=warps)
+    return out
+
+
+def interpret_check() -> None:
+    g = torch.Generator().manual_seed(0)
+    for n, k, sch in [(72, 256, QuantScheme(4, True, "group", 128)), (40, 512, QuantScheme(4, False, "group", 64))]:
+        w = torch.randn(n, k, generator=g)
+        from kernels import make_qw
+
+        p = layout.pack(make_qw(w, sch), torch.float32)
+        x = torch.randn(1, k, generator=g)
+        ref = layout.reference_matmul(x, p)
+        y = kn_matmul(x, p, kn_layout(p), (32, 8, 2, 4), False)
+        err = float((y - ref).norm() / ref.norm())
+        print(n, k, sch.describe(), f"rel err {err:.2e}")
+        assert err < 1e-4
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/tmp/out")
+    ap.add_argument("--interpret", action="store_true")
+    args = ap.parse_args()
+    if args.interpret:
+        interpret_check()
+        return
+    from kernels import SHAPES, copy_ceiling, graph_time, make_qw
+
+    dev = torch.device("cuda")
+    ceil = copy_ceiling(dev)
+    print(f"copy ceiling {ceil / 1e12:.2f} TB/s on {torch.cuda.get_device_name()}", flush=True)
+    # correctness on ragged-ish shapes (N not a tile multiple), both paths
+    g = torch.Generator().manual_seed(3)
+    worst, bad = 0.0, 0
+    for n, k, sch in [(1000, 1024, QuantScheme(4, True, "group", 128)), (4100, 2048, QuantScheme(4, False, "group", 64)),
+                      (777, 4096, QuantScheme(4, False, "group", 128)), (4096, 14336, QuantScheme(4, True, "group", 128))]:
+        w = torch.randn(n, k, generator=g)
+        q = make_qw(w, sch)
+        p = layout.pack(q, torch.bfloat16).to(dev)
+        kn = kn_layout(p)
+        x = torch.randn(1, k, generator=g).to(dev, torch.bfloat16)
+        ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32).to(dev))
+        for cfg in [(256, 8, 2, 4), (512, 16, 1, 8)]:
+            if (p.group_size // 8) % cfg[1]:
+                continue
+            for half in (False, True):
+                y = kn_matmul(x, p, kn, cfg, half)
+                err = float(((y.float() - ref).norm() / ref.norm()).item())
+                worst = max(worst, err)
+                if not (err < 1e-2 and torch.isfinite(y).all()):
+                    bad += 1
+                    print("  FAIL", n, k, sch.describe(), cfg, half, err)
+    print(f"check: {bad} failures, worst rel err {worst:.2e}", flush=True)
+
+    rows = []
+    sweep = [c for c in itertools.product((128, 256, 512, 1024), (8, 16), (1, 2), (4, 8))
+             if c[0] * c[1] * c[2] // (32 * c[3]) <= 64]
+    for n, k in SHAPES:
+        torch.manual_seed(0)
+        w = torch.randn(n, k, device=dev) * 0.02
+        r = max(4, int(200e6 // (n * k * 2)) + 1)
+        wb = [w.to(torch.bfloat16).clone() for _ in range(r)]
+        p0 = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16)
+        ps = [p0] + [layout.PackedWeight(p0.qw.clone(), p0.scale.clone(), p0.zero.clone(), None, 4, 128, n, k)
+                     for _ in range(r - 1)]
+        kns = [kn_layout(p) for p in ps]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])
+        tw.matmul(x, ps[0])
+        t_cur = graph_time([lambda P=P: tw.matmul(x, P) for P in ps])
+        nb = p0.nbytes
+
+        def row(name, t, cfg=None):
+            rows.append({"kernel": name, "shape": f"{n}x{k}", "M": 1, "config": cfg, "ms": t * 1e3,
+                         "pct_copy_ceiling": 100 * (n * k * 2 if name == "bf16 cuBLAS" else nb) / t / ceil,
+                         "speedup_vs_bf16": t_bf / t})
+
+        row("bf16 cuBLAS", t_bf)
+        row("shipped gemv (autotuned)", t_cur)
+        best = []
+        for cfg in sweep:
+            if (k // 8) % (cfg[1] * cfg[2]):
+                continue
+            for half in (True,):
+                try:
+                    kn_matmul(x, ps[0], kns[0], cfg, half)
+                    t = graph_time([lambda P=P, Q=Q: kn_matmul(x, P, Q, cfg, half) for P, Q in zip(ps, kns)])
+                except Exception as e:  # noqa: BLE001
+                    print("  ", cfg, "failed", repr(e)[:160])
+                    continue
+                best.append((t, cfg))
+        best.sort()
+        for t, cfg in best[:5]:
+            row("kn gemv", t, list(cfg))
+        for rr in rows:
+            if rr["shape"] == f"{n}x{k}":
+                print(f"  {rr['kernel']:26s} {rr['shape']:>11s} {str(rr['config']):18s} {rr['ms'] * 1e3:7.1f} us "
+                      f"{rr['pct_copy_ceiling']:5.1f}% {rr['speedup_vs_bf16']:5.2f}x", flush=True)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "gemv-kn-probe.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(), "copy_ceiling_tb_s": ceil / 1e12, "check_failures": bad,
+             "check_worst": worst, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
