@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+# bench/ off the import path: its kernels.py would shadow the `kernels` package that transformers imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

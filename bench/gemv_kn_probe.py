@@ -24,9 +24,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+# bench/ off the import path: its kernels.py would shadow the `kernels` package that transformers imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import importlib.util  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py"))
+bench_kernels = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_kernels)
 from llmpress.kernels import layout  # noqa: E402
 from llmpress.kernels import triton_wa16 as tw  # noqa: E402
 from llmpress.quant.primitives import QuantScheme  # noqa: E402
@@ -101,7 +107,7 @@ def interpret_check() -> None:
     g = torch.Generator().manual_seed(0)
     for n, k, sch in [(72, 256, QuantScheme(4, True, "group", 128)), (40, 512, QuantScheme(4, False, "group", 64))]:
         w = torch.randn(n, k, generator=g)
-        from kernels import make_qw
+        make_qw = bench_kernels.make_qw
 
         p = layout.pack(make_qw(w, sch), torch.float32)
         x = torch.randn(1, k, generator=g)
@@ -120,7 +126,7 @@ def main() -> None:
     if args.interpret:
         interpret_check()
         return
-    from kernels import SHAPES, copy_ceiling, graph_time, make_qw
+    SHAPES, copy_ceiling, graph_time, make_qw = (bench_kernels.SHAPES, bench_kernels.copy_ceiling, bench_kernels.graph_time, bench_kernels.make_qw)
 
     dev = torch.device("cuda")
     ceil = copy_ceiling(dev)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,11 +23,23 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+# bench/ off the import path: its kernels.py would shadow the `kernels` package that transformers imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gemv_probe import _packed_copies, _shape_weights  # noqa: E402
-from kernels import SHAPES, copy_ceiling, graph_time, make_qw  # noqa: E402
+import importlib.util  # noqa: E402
+
+_gp = importlib.util.spec_from_file_location("gemv_probe", os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv_probe.py"))
+gemv_probe = importlib.util.module_from_spec(_gp)
+_gp.loader.exec_module(gemv_probe)
+_packed_copies, _shape_weights = gemv_probe._packed_copies, gemv_probe._shape_weights
+_spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py"))
+bench_kernels = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_kernels)
+SHAPES = bench_kernels.SHAPES
+copy_ceiling = bench_kernels.copy_ceiling
+graph_time = bench_kernels.graph_time
+make_qw = bench_kernels.make_qw
 
 from llmpress.kernels import layout  # noqa: E402
 from llmpress.kernels import triton_wa16 as tw  # noqa: E402

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,10 +21,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# bench/ off the import path: its kernels.py would shadow the `kernels` package that transformers imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import SHAPES, copy_ceiling, graph_time, make_q, make_qw  # noqa: E402
+import importlib.util  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py"))
+bench_kernels = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_kernels)
+SHAPES = bench_kernels.SHAPES
+copy_ceiling = bench_kernels.copy_ceiling
+graph_time = bench_kernels.graph_time
+make_q = bench_kernels.make_q
+make_qw = bench_kernels.make_qw
 
 from llmpress.kernels import layout  # noqa: E402
 from llmpress.kernels import triton_wa16 as tw  # noqa: E402

@@ -27,6 +27,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+# bench/ off the import path: its kernels.py would shadow the `kernels` package that transformers imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

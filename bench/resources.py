@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,9 @@ from pathlib import Path
 RECIPES = ["w4a16-rtn -g 64", "nf4", "w3a16-hqq -g 64", "w4a16-gptq -g 64", "w4a16-awq -g 64", "2of4-wanda",
            "asvd80", "drop25-angular"]
 
+
+# bench/ off the import path: its kernels.py would shadow the `kernels` package that transformers imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 def main() -> None:
     ap = argparse.ArgumentParser()

@@ -18,8 +18,12 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
+
+# bench/ off the import path: its kernels.py would shadow the `kernels` package that transformers imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import torch
 
