@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+# bench/ off the import path: its kernels.py would shadow the `kernels` package that transformers imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import llmpress as lp  # noqa: E402
@@ -36,6 +40,9 @@ def main() -> None:
     ap.add_argument("--n-fit", type=int, default=0, help="further calibration samples the solvers fit on (0: same)")
     ap.add_argument("--direct", type=int, default=0, help="samples each candidate's real output KL is measured on (0: K-FAC only)")
     ap.add_argument("--also-kfac", action="store_true", help="with --direct: also plan from the same run's K-FAC estimates")
+    ap.add_argument("--asym-bits", default="", help="bit widths with an asymmetric (zero-point) candidate too")
+    ap.add_argument("--reuse", help="a sensitivity file measured with the same --n-sens / --n-fit / --direct: only the "
+                    "asymmetric candidates of --asym-bits are measured, on the same samples, and merged into it")
     ap.add_argument("--n-windows", type=int, default=24)
     ap.add_argument("--work", default="/tmp/llmpress-plan-bench")
     ap.add_argument("--out", default="bench/results")
@@ -49,15 +56,21 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     sens_file = work / "sensitivity.json"
     step = lp.recipe(a.preset).steps[0]
+    asym = [int(b) for b in a.asym_bits.split(",") if b.strip()]
     if sens_file.exists():
         sens = Sensitivity.load(sens_file)
     else:
         model = lp.load(a.model)
         tokens = lp.data.calibration("wiki").tokens(model.llmpress_tokenizer)
-        sens = measure(model, tokens[: a.n_sens], step, [int(b) for b in a.bits.split(",")],
-                       [int(g) for g in a.group_sizes.split(",")], name=a.model,
-                       fit_tokens=tokens[a.n_sens : a.n_sens + a.n_fit] if a.n_fit else None,
-                       direct_tokens=tokens[: a.direct] if a.direct else None)
+        kw = dict(name=a.model, fit_tokens=tokens[a.n_sens : a.n_sens + a.n_fit] if a.n_fit else None,
+                  direct_tokens=tokens[: a.direct] if a.direct else None)
+        groups = [int(g) for g in a.group_sizes.split(",")]
+        if a.reuse:  # the same samples, only the new candidates
+            more = measure(model, tokens[: a.n_sens], dataclasses.replace(step, symmetric=False), asym, groups, **kw)
+            sens = Sensitivity.load(a.reuse).merge(more)
+        else:
+            sens = measure(model, tokens[: a.n_sens], step, [int(b) for b in a.bits.split(",")], groups,
+                           asym_bits=asym, **kw)
         sens.save(sens_file)
         del model
     print(f"sensitivity: {len(sens.units)} units, {sens.tokens} tokens, {sens.seconds:.0f}s", flush=True)
@@ -75,9 +88,9 @@ def main() -> None:
                     o.kl = o.kl_kfac
         for t in a.targets.split(","):
             plans[f"plan-kfac-{t}bpw"] = allocate(kf, target_bits=float(t))
-    for u in filter(None, a.uniform.split(",")):
-        b, g = (int(x) for x in u.split("/"))
-        plans[f"uniform-w{b}g{g}"] = uniform(sens, b, g)
+    for u in filter(None, a.uniform.split(",")):  # "3/-1", or "3/-1a" asymmetric
+        b, g = (int(x) for x in u.rstrip("a").split("/"))
+        plans[f"uniform-w{b}g{g}" + ("a" if u.endswith("a") else "")] = uniform(sens, b, g, False if u.endswith("a") else None)
 
     rows = []
     for name, p in plans.items():
@@ -111,8 +124,9 @@ def main() -> None:
             r.update(uniform_best=best and best["name"], uniform_best_ppl=best and best["ppl"],
                      uniform_best_kl=best and best["kl"], uniform_best_size_mb=best and best["size_mb"])
     res = dict(model=a.model, preset=a.preset, base_ppl=evb.ppl, base_size_mb=evb.size_mb, sensitivity=dict(
-        units=len(sens.units), tokens=sens.tokens, seconds=sens.seconds, bits=a.bits, group_sizes=a.group_sizes),
-        machine="2-core CPU, fp32", rows=rows)
+        units=len(sens.units), tokens=sens.tokens, seconds=sens.seconds, bits=a.bits, group_sizes=a.group_sizes,
+        asym_bits=a.asym_bits, reused=a.reuse),
+        machine="2-core CPU, fp32", rows=rows, command="python " + " ".join(sys.argv), date=time.strftime("%Y-%m-%d"))
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"plan-{a.model}.json").write_text(json.dumps(res, indent=1))
     report(res, sens, Path(a.out) / f"plan-{a.model}-report")

@@ -205,6 +205,8 @@ def _parser() -> argparse.ArgumentParser:
                     "(a weight-only rtn / gptq / hqq preset or recipe file; default w4a16-gptq)")
     pl.add_argument("--bits", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8)")
     pl.add_argument("--group-sizes", default="32,64,128,-1", help="candidate group sizes; -1 = per channel")
+    pl.add_argument("--asym-bits", default="", help="bit widths at which a symmetric preset's asymmetric form "
+                    "(integer zero points) is a candidate too, e.g. 2 or 2,3 (default: none)")
     pl.add_argument("--calib", default="wiki")
     pl.add_argument("--n-samples", type=int, default=16, help="calibration samples the errors are scored on "
                     "(forward + backward)")
@@ -609,6 +611,7 @@ def _plan(a: argparse.Namespace) -> dict:
     target_size = parse_size(a.target_size) if a.target_size else None
     bits = [int(b) for b in a.bits.split(",")]
     groups = [int(g) for g in a.group_sizes.split(",")]
+    asym = [int(b) for b in a.asym_bits.split(",") if b.strip()]
     steps = [s for s in lp.recipe(a.preset).steps if isinstance(s, QuantStep)]
     if len(steps) != 1:
         raise RecipeError(f"--preset {a.preset!r} must have exactly one quantization step to plan")
@@ -621,7 +624,8 @@ def _plan(a: argparse.Namespace) -> dict:
         tokens = lp.data.calibration(a.calib, a.n_samples + a.fit_samples, a.seqlen).tokens(model.llmpress_tokenizer)
         sens = measure(model, tokens[: a.n_samples], steps[0], bits, groups, batch_size=a.batch_size, name=a.model,
                        fit_tokens=tokens[a.n_samples :] if a.fit_samples else None,
-                       direct_tokens=tokens[: min(a.direct_samples, a.n_samples)] if a.direct_samples > 0 else None)
+                       direct_tokens=tokens[: min(a.direct_samples, a.n_samples)] if a.direct_samples > 0 else None,
+                       asym_bits=asym)
         if sf is not None:
             sens.save(sf)
     p = allocate(sens, target_bits=a.target_bits, target_size_mb=target_size, max_kl=a.max_kl)
@@ -631,11 +635,12 @@ def _plan(a: argparse.Namespace) -> dict:
     s = p.summary()
     counts: dict = {}
     for row in p.layers():
-        counts[(row["bits"], row["group_size"])] = counts.get((row["bits"], row["group_size"]), 0) + 1
+        key = (row["bits"], row["group_size"], "" if row["symmetric"] == sens.symmetric else " asym" if not row["symmetric"] else " sym")
+        counts[key] = counts.get(key, 0) + 1
     print(f"plan for {a.model}: target {s['target']}")
     print(f"  {s['avg_bits']:.3f} bits/weight over {s['layers']} layers, checkpoint ~{s['size_mb']:.2f} MB, "
           f"predicted KL {s['predicted_kl']:.4f} nats/token")
-    print("  layers per setting: " + ", ".join(f"w{b} g{g}: {n}" for (b, g), n in sorted(counts.items())))
+    print("  layers per setting: " + ", ".join(f"w{b} g{g}{a_}: {n}" for (b, g, a_), n in sorted(counts.items())))
     print(f"  recipe written to {out}; run: llmpress compress {a.model} --recipe {out} -o OUT")
     return {"summary": s, "layers": p.layers(), "recipe": str(out)}
 

@@ -53,7 +53,8 @@ class Plan:
         for i, u in enumerate(self.sens.units):
             o = self.option(i)
             for n in u.names:
-                rows.append(dict(name=n, block=u.block, bits=o.bits, group_size=o.group_size, unit_kl=o.kl))
+                rows.append(dict(name=n, block=u.block, bits=o.bits, group_size=o.group_size,
+                                 symmetric=o.sym(self.sens.symmetric), unit_kl=o.kl))
         return rows
 
     def summary(self) -> dict:
@@ -64,21 +65,26 @@ class Plan:
         """One step with the setting covering the most weights, and one override per other
         (setting, layer role) listing the blocks that take it."""
         step = self.sens.base_step()
-        weight: dict[tuple[int, int], int] = defaultdict(int)
+        weight: dict[tuple[int, int, bool], int] = defaultdict(int)
         for i, u in enumerate(self.sens.units):
-            o = self.option(i)
-            weight[(o.bits, o.group_size)] += u.params
+            weight[self._key(i)] += u.params
         top = max(weight, key=lambda k: (weight[k], k))
-        roles: dict[tuple[tuple[int, int], tuple[str, ...]], list[tuple[int | None, tuple[str, ...]]]] = defaultdict(list)
+        roles: dict[tuple[tuple[int, int, bool], tuple[str, ...]], list[tuple[int | None, tuple[str, ...]]]] = defaultdict(list)
         for i, u in enumerate(self.sens.units):
-            o = self.option(i)
-            if (o.bits, o.group_size) != top:
-                roles[((o.bits, o.group_size), tuple(_role(n, u.block) for n in u.names))].append((u.block, u.names))
+            if self._key(i) != top:
+                roles[(self._key(i), tuple(_role(n, u.block) for n in u.names))].append((u.block, u.names))
         overrides = []
-        for ((bits, gs), role), members in sorted(roles.items(), key=lambda kv: kv[0]):
-            overrides.append(dict(pattern=_pattern(role, members), bits=bits, group_size=gs))
-        return Recipe((dataclasses.replace(step, bits=top[0], group_size=top[1], strategy=None,
+        for ((bits, gs, sym), role), members in sorted(roles.items(), key=lambda kv: kv[0]):
+            ov = dict(pattern=_pattern(role, members), bits=bits, group_size=gs)
+            if sym != top[2]:
+                ov["symmetric"] = sym
+            overrides.append(ov)
+        return Recipe((dataclasses.replace(step, bits=top[0], group_size=top[1], symmetric=top[2], strategy=None,
                                            overrides=tuple(overrides)),), name or f"plan-{_slug(self.target)}")
+
+    def _key(self, i: int) -> tuple[int, int, bool]:
+        o = self.option(i)
+        return (o.bits, o.group_size, o.sym(self.sens.symmetric))
 
     def to_yaml(self, name: str | None = None) -> str:
         s = self.summary()
@@ -89,11 +95,12 @@ class Plan:
             f"predicted KL {s['predicted_kl']:.4f} nats/token (sum of per-unit estimates)",
             "# edit freely: the first matching override wins; run with `llmpress compress MODEL --recipe THIS_FILE`",
         ]
-        table = ["#", "# block  bits/group per unit:"]
+        table = ["#", "# block  bits/group per unit" + (" (a: asymmetric, integer zero points):" if any(
+            self._key(i)[2] != self.sens.symmetric for i in range(len(self.choice))) else ":")]
         by_block: dict = defaultdict(list)
         for i, u in enumerate(self.sens.units):
             o = self.option(i)
-            by_block[u.block].append(f"{'+'.join(n.rsplit('.', 1)[-1] for n in u.names)}={o.bits}/{o.group_size}")
+            by_block[u.block].append(f"{'+'.join(n.rsplit('.', 1)[-1] for n in u.names)}={o.label(self.sens.symmetric)}")
         for b in sorted(by_block, key=lambda x: -1 if x is None else x):
             table.append(f"#   {b}: " + "  ".join(by_block[b]))
         return "\n".join(head + table) + "\n" + yaml.safe_dump(_compact(self.recipe(name)), sort_keys=False, width=200)
@@ -216,12 +223,14 @@ def allocate(sens: Sensitivity, *, target_bits: float | None = None, target_size
     return plan
 
 
-def uniform(sens: Sensitivity, bits: int, group_size: int) -> Plan:
-    """Every unit at one setting (for comparison); RecipeError if a unit lacks it."""
+def uniform(sens: Sensitivity, bits: int, group_size: int, symmetric: bool | None = None) -> Plan:
+    """Every unit at one setting (for comparison; ``symmetric`` None: the step's); RecipeError
+    if a unit lacks it."""
+    sym = sens.symmetric if symmetric is None else symmetric
     choice = []
     for u in sens.units:
-        js = [j for j, o in enumerate(u.options) if (o.bits, o.group_size) == (bits, group_size)]
+        js = [j for j, o in enumerate(u.options) if (o.bits, o.group_size, o.sym(sens.symmetric)) == (bits, group_size, sym)]
         if not js:
-            raise RecipeError(f"{u.names[0]} has no candidate bits={bits} group_size={group_size}")
+            raise RecipeError(f"{u.names[0]} has no candidate bits={bits} group_size={group_size} symmetric={sym}")
         choice.append(js[0])
-    return Plan(sens, choice, f"uniform w{bits} g{group_size}")
+    return Plan(sens, choice, f"uniform w{bits} g{group_size}" + ("" if sym == sens.symmetric else " asym" if not sym else " sym"))

@@ -15,6 +15,7 @@ Everything per candidate is a quantization solve and two matmuls: no extra forwa
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -46,6 +47,15 @@ class Option:
     nbytes: int
     kl: float
     kl_kfac: float | None = None  # the second-order estimate, kept when ``kl`` was measured directly
+    symmetric: bool | None = None  # None: the planned step's (files written before zero points were planned)
+
+    def sym(self, default: bool) -> bool:
+        return default if self.symmetric is None else self.symmetric
+
+    def label(self, default: bool) -> str:
+        """'3/-1', or '2/64a' for an asymmetric option of a symmetric step (and 's' the other way)."""
+        mark = "" if self.sym(default) == default else ("s" if self.sym(default) else "a")
+        return f"{self.bits}/{self.group_size}{mark}"
 
 
 @dataclass
@@ -72,6 +82,29 @@ class Sensitivity:
     seconds: float
     meta: dict = field(default_factory=dict)
 
+    @property
+    def symmetric(self) -> bool:
+        """The planned step's symmetry (what an option without its own stands for)."""
+        return bool(self.step.get("symmetric", True))
+
+    def merge(self, other: Sensitivity) -> Sensitivity:
+        """These costs plus ``other``'s options that are not here (same model, units and tokens:
+        e.g. asymmetric candidates measured later on the same calibration samples)."""
+        if [u.names for u in self.units] != [u.names for u in other.units] or self.tokens != other.tokens:
+            raise ValueError("can only merge sensitivities of the same units measured on the same tokens")
+        if self.meta.get("direct_tokens", 0) != other.meta.get("direct_tokens", 0):
+            raise ValueError("can only merge sensitivities measured the same way (direct tokens differ)")
+        out = copy.deepcopy(self)
+        for u, v in zip(out.units, other.units):
+            have = {(o.bits, o.group_size, o.sym(self.symmetric)) for o in u.options}
+            for o in v.options:
+                key = (o.bits, o.group_size, o.sym(other.symmetric))
+                if key not in have:
+                    u.options.append(dataclasses.replace(o, symmetric=key[2]))
+                    have.add(key)
+        out.seconds += other.seconds
+        return out
+
     def base_step(self) -> QuantStep:
         return QuantStep(**{k: (tuple(v) if k in ("targets", "ignore", "overrides") else v)
                             for k, v in self.step.items()})
@@ -93,15 +126,19 @@ class Sensitivity:
             raise ValueError(f"{path}: not a sensitivity file written by `llmpress plan --save-sensitivity` ({e})") from None
 
 
-def candidates(step: QuantStep, bits: Sequence[int], group_sizes: Sequence[int]) -> list[QuantStep]:
-    """The candidate steps: ``step`` with every (bits, group_size) pair."""
+def candidates(step: QuantStep, bits: Sequence[int], group_sizes: Sequence[int],
+               asym_bits: Sequence[int] = ()) -> list[QuantStep]:
+    """The candidate steps: ``step`` with every (bits, group_size) pair, and for a symmetric
+    step also its asymmetric form (an integer zero point per group) at the ``asym_bits`` widths."""
     out = []
     for b in bits:
         for g in group_sizes:
-            try:
-                out.append(dataclasses.replace(step, bits=int(b), group_size=int(g), strategy=None, overrides=()))
-            except RecipeError as e:
-                raise RecipeError(f"candidate bits={b} group_size={g}: {e}") from None
+            for sym in (step.symmetric, False) if step.symmetric and int(b) in set(asym_bits) else (step.symmetric,):
+                try:
+                    out.append(dataclasses.replace(step, bits=int(b), group_size=int(g), symmetric=sym, strategy=None,
+                                                   overrides=()))
+                except RecipeError as e:
+                    raise RecipeError(f"candidate bits={b} group_size={g} symmetric={sym}: {e}") from None
     return out
 
 
@@ -286,6 +323,7 @@ def measure(
     fit_tokens: torch.Tensor | None = None,
     direct_tokens: torch.Tensor | None = None,
     direct_max_bits: int = 4,
+    asym_bits: Sequence[int] = (),
 ) -> Sensitivity:
     """Measure every planned unit's predicted KL and storage at every candidate setting.
 
@@ -303,6 +341,9 @@ def measure(
     (the K-FAC value stays in ``Option.kl_kfac``). On smollm2-135m the K-FAC estimate was off by
     0.04x to 3.6x per unit (massive-activation inputs, attention output projections); the cost is
     one forward of the blocks after the unit per candidate.
+
+    ``asym_bits``: bit widths at which a symmetric step's asymmetric form is a candidate too (at
+    2 bits a zero point lets the grid sit where the weights are; it costs one code per group).
     """
     from llmpress.eval.ppl import model_size
 
@@ -310,7 +351,7 @@ def measure(
     if step.act_bits is not None or step.awq or step.smoothquant is not None or step.method in ("nf4", "fp4"):
         raise RecipeError("plan varies bits and group size of weight-only rtn / gptq / hqq steps; "
                           f"got {step.describe()}")
-    cands = candidates(step, bits, group_sizes)
+    cands = candidates(step, bits, group_sizes, asym_bits)
     mods = _targets(model, step)
     if not mods:
         raise RecipeError(f"the step targets no linear layer inside the decoder blocks of {type(model).__name__}")
@@ -355,9 +396,9 @@ def measure(
             # the shape tensor and the header entries of each layer's tensors
             u.overhead = sum(16 + _header(n, 3 + (not c.symmetric)) for n in names)
             if solved and blk is not None:
-                u.options.append(Option(c.bits, c.group_size, nbytes, max(direct.kl(blk, solved), 0.0), kl))
+                u.options.append(Option(c.bits, c.group_size, nbytes, max(direct.kl(blk, solved), 0.0), kl, c.symmetric))
             else:
-                u.options.append(Option(c.bits, c.group_size, nbytes, kl))
+                u.options.append(Option(c.bits, c.group_size, nbytes, kl, symmetric=c.symmetric))
         if not u.options:
             raise RecipeError(f"{', '.join(names)}: no candidate group size in {list(group_sizes)} divides "
                               f"in_features={ws[names[0]].shape[1]}; add a divisor (or -1, per channel) to the group sizes")
@@ -373,4 +414,5 @@ def measure(
     d["overrides"] = []
     return Sensitivity(name, d, units, fixed, dense, n_tok, time.perf_counter() - t0,
                        dict(bits=list(bits), group_sizes=list(group_sizes), seed=seed,
-                            direct_tokens=0 if direct is None else direct.n, direct_max_bits=direct_max_bits))
+                            direct_tokens=0 if direct is None else direct.n, direct_max_bits=direct_max_bits,
+                            asym_bits=list(asym_bits)))

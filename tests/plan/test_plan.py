@@ -263,3 +263,42 @@ def test_direct_measurement_is_the_real_kl_of_each_unit_alone(setup):
         assert eight.kl_kfac is None
         m = _unit_alone(model, u, tokens, 2, 32)
         assert opt.kl == pytest.approx(_kl(m, model, tokens[:3]), rel=1e-3)
+
+
+def test_asymmetric_candidates_are_measured_merged_and_written(setup):
+    """``asym_bits`` adds a symmetric step's zero-point form as a candidate; costs measured
+    later on the same tokens merge in; a plan mixing both writes ``symmetric: false``
+    overrides that resolve to exactly the planned layers."""
+    import dataclasses
+
+    from llmpress.plan.allocate import Plan
+
+    model, tokens, sens = setup
+    with_asym = measure(model, tokens, GPTQ, bits=(2, 8), group_sizes=(-1,), progress=False, asym_bits=(2,))
+    for u in with_asym.units:
+        keys = sorted((o.bits, o.sym(True)) for o in u.options)
+        assert keys == [(2, False), (2, True), (8, True)]
+        two = {o.sym(True): o for o in u.options if o.bits == 2}
+        assert two[False].nbytes > two[True].nbytes  # the zero points are stored
+    later = measure(model, tokens, dataclasses.replace(GPTQ, symmetric=False), bits=(2,), group_sizes=(-1,), progress=False)
+    both = sens.merge(later)
+    assert both.symmetric and [len(b.options) - len(a.options) for a, b in zip(sens.units, both.units)] == [1] * 8
+    assert both.units[0].options[-1].kl == later.units[0].options[0].kl
+    assert len(sens.units[0].options) == 12  # merge leaves its inputs alone
+    with pytest.raises(ValueError, match="same tokens"):
+        sens.merge(measure(model, tokens[:4], GPTQ, bits=(2,), group_sizes=(-1,), progress=False))
+    # unit 0 and 3 asymmetric 2-bit, the rest symmetric 3-bit per channel
+    pick = []
+    for i, u in enumerate(both.units):
+        want = (2, -1, False) if i in (0, 3) else (3, -1, True)
+        pick.append(next(j for j, o in enumerate(u.options) if (o.bits, o.group_size, o.sym(True)) == want))
+    p = Plan(both, pick, "mixed")
+    text = p.to_yaml("mixed")
+    assert "symmetric: false" in text and "=2/-1a" in text
+    resolved = calibrate.plan(model, Recipe.from_dict(yaml.safe_load(text)))
+    rows = p.layers()
+    assert {r["symmetric"] for r in rows} == {True, False}
+    for row in rows:
+        st = resolved[row["name"]][0]
+        assert (st.bits, st.group_size, st.symmetric) == (row["bits"], row["group_size"], row["symmetric"])
+    assert uniform(both, 2, -1, symmetric=False).target == "uniform w2 g-1 asym"
