@@ -33,13 +33,8 @@ _gp = importlib.util.spec_from_file_location("gemv_probe", os.path.join(os.path.
 gemv_probe = importlib.util.module_from_spec(_gp)
 _gp.loader.exec_module(gemv_probe)
 _packed_copies, _shape_weights = gemv_probe._packed_copies, gemv_probe._shape_weights
-_spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py"))
-bench_kernels = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_kernels)
-SHAPES = bench_kernels.SHAPES
-copy_ceiling = bench_kernels.copy_ceiling
-graph_time = bench_kernels.graph_time
-make_qw = bench_kernels.make_qw
+SHAPES, copy_ceiling, graph_time, make_qw = (gemv_probe.SHAPES, gemv_probe.copy_ceiling, gemv_probe.graph_time,
+                                             gemv_probe.make_qw)  # bench/kernels.py, as gemv_probe loaded it
 
 from llmpress.kernels import layout  # noqa: E402
 from llmpress.kernels import triton_wa16 as tw  # noqa: E402
