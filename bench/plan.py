@@ -154,7 +154,9 @@ def report(res: dict, sens: Sensitivity, out: Path) -> None:
             p = allocate(sens, target_bits=float(r["name"][5:-3]))
             layers[r["name"]] = [dict(name=x["name"], bits=x["bits"] + (32 / x["group_size"] if x["group_size"] > 0 else 0))
                                  for x in p.layers()]
-    write_report(out, res["model"], rows, layers, {"protocol": "wiki protocol (DESIGN.md §4); GPTQ, symmetric, fp32 scales"})
+    asym = res["sensitivity"].get("asym_bits")
+    sym = f"symmetric, asymmetric candidates at {asym} bits" if asym else "symmetric"
+    write_report(out, res["model"], rows, layers, {"protocol": f"wiki protocol (DESIGN.md §4); GPTQ, {sym}, fp32 scales"})
 
 
 if __name__ == "__main__":

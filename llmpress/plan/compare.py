@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -63,21 +64,32 @@ def pareto_chart(rows: Sequence[dict], path: Path, title: str) -> dict:
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["size_mb"])
     ax.plot([r["size_mb"] for r in front], [r["ppl"] for r in front], "-", color="#9ecae1", zorder=1,
             label="Pareto front")
-    offsets = [(6, 4), (6, -11), (6, 12), (6, -19)]  # neighbours' labels staggered
-    for j, r in enumerate(sorted(rows, key=lambda r: (r["size_mb"], r["ppl"]))):
+    for r in rows:
         base = r.get("is_base")
         ax.scatter([r["size_mb"]], [r["ppl"]], s=60, zorder=2, color="#d62728" if base else "#1f77b4",
                    marker="s" if base else "o", edgecolors="none")
-        ax.annotate(r["name"], (r["size_mb"], r["ppl"]), textcoords="offset points", xytext=offsets[j % 4], fontsize=8)
     ppl = [r["ppl"] for r in rows]
     if max(ppl) > 3 * min(ppl):  # one bad recipe would flatten the rest
         ax.set_yscale("log")
     ax.set_xlabel("checkpoint size (MB)")
     ax.set_ylabel("perplexity (lower is better)" + (", log scale" if ax.get_yscale() == "log" else ""))
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 95), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
+    # each label to the right of its point, at its height; one that would overlap a label already
+    # placed nearby moves down and gets a leader line (measured in points on the final axes)
+    fig.canvas.draw()
+    pt = fig.dpi / 72
+    placed: list[tuple[float, float]] = []
+    for r in sorted(rows, key=lambda r: -r["ppl"]):
+        x, y = ax.transData.transform((r["size_mb"], r["ppl"])) / pt
+        dy = 0.0
+        while any(abs(x - px) < 90 and abs(y + dy - py) < 10 for px, py in placed):
+            dy -= 10
+        placed.append((x, y + dy))
+        ax.annotate(r["name"], (r["size_mb"], r["ppl"]), textcoords="offset points", xytext=(9, dy), fontsize=8,
+                    va="center", arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5", shrinkA=0, shrinkB=4) if dy else None)
     points = {r["name"]: (r["size_mb"], r["ppl"]) for r in rows}
     meta = {"kind": "pareto", "x": "size_mb", "y": "ppl", "points": {k: list(v) for k, v in points.items()},
             "pixels": _png_meta(fig, ax, points), "marker_colors": {"base": "#d62728", "recipe": "#1f77b4"}}
