@@ -33,6 +33,9 @@ import importlib.util  # noqa: E402
 _spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py"))
 bench_kernels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_kernels)
+SHAPES, copy_ceiling, graph_time, make_qw = (bench_kernels.SHAPES, bench_kernels.copy_ceiling, bench_kernels.graph_time,
+                                             bench_kernels.make_qw)
+
 from llmpress.kernels import layout  # noqa: E402
 from llmpress.kernels import triton_wa16 as tw  # noqa: E402
 from llmpress.quant.primitives import QuantScheme  # noqa: E402
@@ -93,7 +96,7 @@ def kn_matmul(x: torch.Tensor, p: layout.PackedWeight, kn, cfg, half: bool) -> t
     qt, st, zt = kn
     bn, bw, steps, warps = cfg
     k_words = p.k // 8
-    assert k_words % (bw * steps) == 0 and (p.group_size // 8) % bw == 0 or p.group_size >= p.k
+    assert k_words % (bw * steps) == 0 and (p.group_size >= p.k or (p.group_size // 8) % bw == 0)
     split = k_words // (bw * steps)
     out = torch.empty(1, p.n, device=x.device, dtype=x.dtype)
     ws, cnt = tw._workspace(x.device, 1, p.n)
@@ -107,8 +110,6 @@ def interpret_check() -> None:
     g = torch.Generator().manual_seed(0)
     for n, k, sch in [(72, 256, QuantScheme(4, True, "group", 128)), (40, 512, QuantScheme(4, False, "group", 64))]:
         w = torch.randn(n, k, generator=g)
-        make_qw = bench_kernels.make_qw
-
         p = layout.pack(make_qw(w, sch), torch.float32)
         x = torch.randn(1, k, generator=g)
         ref = layout.reference_matmul(x, p)
@@ -126,8 +127,6 @@ def main() -> None:
     if args.interpret:
         interpret_check()
         return
-    SHAPES, copy_ceiling, graph_time, make_qw = (bench_kernels.SHAPES, bench_kernels.copy_ceiling, bench_kernels.graph_time, bench_kernels.make_qw)
-
     dev = torch.device("cuda")
     ceil = copy_ceiling(dev)
     print(f"copy ceiling {ceil / 1e12:.2f} TB/s on {torch.cuda.get_device_name()}", flush=True)
@@ -183,14 +182,13 @@ def main() -> None:
         for cfg in sweep:
             if (k // 8) % (cfg[1] * cfg[2]):
                 continue
-            for half in (True,):
-                try:
-                    kn_matmul(x, ps[0], kns[0], cfg, half)
-                    t = graph_time([lambda P=P, Q=Q: kn_matmul(x, P, Q, cfg, half) for P, Q in zip(ps, kns)])
-                except Exception as e:  # noqa: BLE001
-                    print("  ", cfg, "failed", repr(e)[:160])
-                    continue
-                best.append((t, cfg))
+            try:
+                kn_matmul(x, ps[0], kns[0], cfg, True)
+                t = graph_time([lambda P=P, Q=Q: kn_matmul(x, P, Q, cfg, True) for P, Q in zip(ps, kns)])
+            except Exception as e:  # noqa: BLE001
+                print("  ", cfg, "failed", repr(e)[:160])
+                continue
+            best.append((t, cfg))
         best.sort()
         for t, cfg in best[:5]:
             row("kn gemv", t, list(cfg))
