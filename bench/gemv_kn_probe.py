@@ -110,7 +110,7 @@ def interpret_check() -> None:
     g = torch.Generator().manual_seed(0)
     for n, k, sch in [(72, 256, QuantScheme(4, True, "group", 128)), (40, 512, QuantScheme(4, False, "group", 64))]:
         w = torch.randn(n, k, generator=g)
-        p = layout.pack(make_qw(w, sch), torch.float32)
+        p = layout.pack(make_qw(w, sch), torch.float32, kmajor=False)
         x = torch.randn(1, k, generator=g)
         ref = layout.reference_matmul(x, p)
         y = kn_matmul(x, p, kn_layout(p), (32, 8, 2, 4), False)
@@ -137,10 +137,10 @@ def main() -> None:
                       (777, 4096, QuantScheme(4, False, "group", 128)), (4096, 14336, QuantScheme(4, True, "group", 128))]:
         w = torch.randn(n, k, generator=g)
         q = make_qw(w, sch)
-        p = layout.pack(q, torch.bfloat16).to(dev)
+        p = layout.pack(q, torch.bfloat16, kmajor=False).to(dev)
         kn = kn_layout(p)
         x = torch.randn(1, k, generator=g).to(dev, torch.bfloat16)
-        ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32).to(dev))
+        ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32, kmajor=False).to(dev))
         for cfg in [(256, 8, 2, 4), (512, 16, 1, 8)]:
             if (p.group_size // 8) % cfg[1]:
                 continue
@@ -154,14 +154,14 @@ def main() -> None:
     print(f"check: {bad} failures, worst rel err {worst:.2e}", flush=True)
 
     rows = []
-    sweep = [c for c in itertools.product((128, 256, 512, 1024), (8, 16), (1, 2), (4, 8))
-             if c[0] * c[1] * c[2] // (32 * c[3]) <= 64]
+    sweep = [c for c in itertools.product((128, 256, 512, 1024), (8, 16, 32), (1, 2, 4), (4, 8))
+             if 4 <= c[0] * c[1] * c[2] // (32 * c[3]) <= 64]
     for n, k in SHAPES:
         torch.manual_seed(0)
         w = torch.randn(n, k, device=dev) * 0.02
         r = max(4, int(200e6 // (n * k * 2)) + 1)
         wb = [w.to(torch.bfloat16).clone() for _ in range(r)]
-        p0 = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16)
+        p0 = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16, kmajor=False)
         ps = [p0] + [layout.PackedWeight(p0.qw.clone(), p0.scale.clone(), p0.zero.clone(), None, 4, 128, n, k)
                      for _ in range(r - 1)]
         kns = [kn_layout(p) for p in ps]

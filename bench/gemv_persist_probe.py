@@ -111,15 +111,15 @@ def main() -> None:
                       (QuantScheme(8, True, "channel"), 768, 1536)):
         w = torch.randn(n, k, generator=g)
         q = make_qw(w, sch)
-        p = layout.pack(q, torch.bfloat16).to(dev)
-        ref = layout.reference_matmul(torch.randn(1, k, generator=g).to(dev), layout.pack(q, torch.float32).to(dev))
+        p = layout.pack(q, torch.bfloat16, kmajor=False).to(dev)
+        ref = layout.reference_matmul(torch.randn(1, k, generator=g).to(dev), layout.pack(q, torch.float32, kmajor=False).to(dev))
         x = None
         for cfg in cfgs[::3]:
             if tw._slices(p.bits, p.group_size, p.k, cfg[1]) is None or k % (cfg[1] * p.per_word):
                 continue
             g2 = torch.Generator().manual_seed(3 + n)
             xx = torch.randn(1, k, generator=g2).to(dev)
-            ref = layout.reference_matmul(xx, layout.pack(q, torch.float32).to(dev))
+            ref = layout.reference_matmul(xx, layout.pack(q, torch.float32, kmajor=False).to(dev))
             y = persist_matmul(xx.to(torch.bfloat16), p, cfg)
             err = float((y.float() - ref).norm() / ref.norm())
             if not err < 1e-2:
@@ -131,7 +131,7 @@ def main() -> None:
         for n, k in SHAPES:
             w, wb = _shape_weights(dev, n, k)
             r = len(wb)
-            p = layout.pack(make_qw(w.float(), sch), torch.bfloat16)
+            p = layout.pack(make_qw(w.float(), sch), torch.bfloat16, kmajor=False)
             ps = _packed_copies(p, r)
             x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
             t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])

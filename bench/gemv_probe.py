@@ -81,10 +81,10 @@ def check(dev, cases: int = 36) -> tuple[int, int, float]:
         k = gs * int(torch.randint(1, 48, (1,), generator=g)) if gs > 8 else 8 * int(torch.randint(3, 700, (1,), generator=g))
         w = torch.randn(n, k, generator=g)
         q = make_q(w, sch)
-        p = layout.pack(q, torch.bfloat16).to(dev)
+        p = layout.pack(q, torch.bfloat16, kmajor=False).to(dev)
         x = torch.randn(1, k, generator=g).to(dev, torch.bfloat16)
         b = torch.randn(n, generator=g).to(dev, torch.bfloat16) if i % 2 else None
-        ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32).to(dev), None if b is None else b.float())
+        ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32, kmajor=False).to(dev), None if b is None else b.float())
         for cfg in configs(True)[i % 5 :: 7]:
             if tw._slices(p.bits, p.group_size, p.k, cfg[1]) is None:
                 continue
@@ -94,9 +94,9 @@ def check(dev, cases: int = 36) -> tuple[int, int, float]:
     for scale in (1e3, 3e4):
         w = torch.randn(4096, 4096, generator=g)
         q = make_q(w, QuantScheme(4, True, "group", 128))
-        p = layout.pack(q, torch.bfloat16).to(dev)
+        p = layout.pack(q, torch.bfloat16, kmajor=False).to(dev)
         x = (torch.randn(1, 4096, generator=g) * scale).to(dev, torch.bfloat16)
-        ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32).to(dev), None)
+        ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32, kmajor=False).to(dev), None)
         for cfg in ((16, 128, 1, 4, True), (32, 64, 4, 4, True)):
             score(tw.matmul(x, p, None, gemv_config=cfg), ref, "large x", scale, cfg)
     return n_ok, n_all, worst
@@ -112,8 +112,7 @@ def _shape_weights(dev, n: int, k: int) -> tuple[torch.Tensor, list[torch.Tensor
 
 def _packed_copies(p: layout.PackedWeight, r: int) -> list[layout.PackedWeight]:
     """``p`` and r - 1 copies of its tensors, so that timed calls read HBM, not L2."""
-    return [p] + [layout.PackedWeight(p.qw.clone(), p.scale.clone(), None if p.zero is None else p.zero.clone(),
-                                      p.lut, p.bits, p.group_size, p.n, p.k) for _ in range(r - 1)]
+    return [p] + [p.clone() for _ in range(r - 1)]
 
 
 def tc_sweep(dev, ceil: float, out: Path, tag: str) -> None:
@@ -124,7 +123,7 @@ def tc_sweep(dev, ceil: float, out: Path, tag: str) -> None:
     for n, k in SHAPES:
         w, wb = _shape_weights(dev, n, k)
         r = len(wb)
-        p = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16)
+        p = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16, kmajor=False)
         ps = _packed_copies(p, r)
         for m in (2, 8, 16):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -166,10 +165,10 @@ def ab(dev, ceil: float, out: Path, tag: str) -> None:
     for n, k in SHAPES:
         w, wb = _shape_weights(dev, n, k)
         q = make_qw(w.float(), QuantScheme(4, True, "group", 128))
-        p = layout.pack(q, torch.bfloat16)
+        p = layout.pack(q, torch.bfloat16, kmajor=False)
         ps = _packed_copies(p, len(wb))
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-        ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32).to(dev), None)
+        ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32, kmajor=False).to(dev), None)
         t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])
         best = {}
         for c in cfgs:
@@ -233,7 +232,7 @@ def main() -> None:
         for sname in a.schemes.split(","):
             sch = schemes[sname]
             q = nf4.quantize_4bit(w.float(), "nf4", 64, True) if sch == "nf4" else make_qw(w.float(), sch)
-            p = layout.pack(q, torch.bfloat16)
+            p = layout.pack(q, torch.bfloat16, kmajor=False)
             ps = _packed_copies(p, r)
             x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
             t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])

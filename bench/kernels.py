@@ -121,11 +121,16 @@ def check(dev, n_cases: int = 40, seed: int = 0) -> list[dict]:
         desc = {"nf4": "nf4 b64", "hqq": "hqq int4 g64 float zero"}[sch] if isinstance(sch, str) else sch.describe()
         p = layout.pack(q, torch.bfloat16).to(dev)
         x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
+        if i % 7 == 3:  # large activations: the packed-half GEMVs' fp16 sums overflow and redo in float32
+            x = x * 3000
         b = torch.randn(n, generator=g).to(dev, torch.bfloat16) if i % 2 else None
         ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32).to(dev), None if b is None else b.float())
-        from llmpress.kernels.triton_wa16 import _CONFIGS, _GEMV_CONFIGS, _slices
+        from llmpress.kernels.triton_wa16 import _CONFIGS, _GEMV_CONFIGS, _KN_CONFIGS, _kn_fits, _slices
 
-        gemv_all = [c for c in _GEMV_CONFIGS if _slices(p.bits, p.group_size, p.k, c[1])]
+        if p.kmajor:  # 4-bit integer codes: the K-major GEMV's configurations
+            gemv_all = [c for c in _KN_CONFIGS if _kn_fits(c[1], c[2], p.group_size, p.k, p.qw.shape[0])]
+        else:
+            gemv_all = [c for c in _GEMV_CONFIGS if _slices(p.bits, p.group_size, p.k, c[1])]
 
         fixed = i % 4 != 0  # fixed configurations (each must be right), and the autotuned choice
         gcfg = gemv_all[i % len(gemv_all)] if fixed and m == 1 and i % 2 else None
@@ -133,7 +138,8 @@ def check(dev, n_cases: int = 40, seed: int = 0) -> list[dict]:
         y = matmul(x, p, b, config=cfg, gemv_config=gcfg)
         err = float(((y.float() - ref).norm() / ref.norm()).item())
         ok = bool(torch.isfinite(y).all()) and err < 1e-2
-        rows.append({"kernel": "wa16", "scheme": desc, "shape": [n, k], "M": m, "rel_err": err, "ok": ok})
+        rows.append({"kernel": "wa16", "scheme": desc, "shape": [n, k], "M": m, "rel_err": err, "ok": ok,
+                     "layout": "k-major" if p.kmajor else "n-major", "x_scale": 3000 if i % 7 == 3 else 1})
     return rows
 
 
@@ -175,8 +181,7 @@ def gpu(args) -> dict:
         for name, sch in variants:
             q = nf4.quantize_4bit(w.float(), "nf4", 64, True) if sch == "nf4" else make_qw(w.float(), sch)
             p = layout.pack(q, torch.bfloat16)
-            packed[name] = [p] + [layout.PackedWeight(p.qw.clone(), p.scale.clone(), None if p.zero is None else p.zero.clone(),
-                                                     p.lut, p.bits, p.group_size, p.n, p.k) for _ in range(r_copies - 1)]
+            packed[name] = [p] + [p.clone() for _ in range(r_copies - 1)]
         tao = bnbw = None
         if quantize_ is not None:
             try:

@@ -4,6 +4,7 @@ arguments get the divisibility-16 specialisation the device gives aligned argume
 
   python bench/sass.py tc --bits 4 --bm 16 --bn 64 --bk 128 --warps 4 --stages 3
   python bench/sass.py gemv --bits 4 --bn 16 --ng 8 --wpg 16 --warps 4
+  python bench/sass.py kn --bn 512 --bw 16 --steps 1 --sk 32 --warps 4 --f16x2
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ def summary(body: list[str]) -> dict[str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kernel", choices=["tc", "gemv"])
+    ap.add_argument("kernel", choices=["tc", "gemv", "kn"])
+    ap.add_argument("--kmajor", action="store_true", help="tc: K-major words (the default pack of 4-bit codes)")
+    ap.add_argument("--bw", type=int, default=16, help="kn: word rows per step")
+    ap.add_argument("--steps", type=int, default=1, help="kn: steps per program")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--bm", type=int, default=16)
     ap.add_argument("--bn", type=int, default=64)
@@ -87,14 +91,24 @@ def main() -> None:
     if a.kernel == "tc":
         sig = dict(X="*bf16", QW="*i32", S="*bf16", Z="*bf16", LUT="*bf16", B="*bf16", O="*bf16", PW="*fp32",
                    CNT="*i32", M="i32", N="i32", K="i32", GS="i32", stride_xm="i32", stride_om="i32",
-                   stride_qn="i32", stride_sn="i32", m_bucket="i32")
-        extra = {"code_mask": "i32"} if "code_mask" in k._wa16_kernel.arg_names else {}
-        sig.update(extra)
+                   m_bucket="i32", code_mask="i32")
+        # the unit strides are specialised to 1 (as the launcher does): along K for N-major words,
+        # along N for K-major ones
+        unit, other = (["stride_qn", "stride_sn"], ["stride_qk", "stride_sg"]) if a.kmajor else \
+            (["stride_qk", "stride_sg"], ["stride_qn", "stride_sn"])
+        sig.update({n: "i32" for n in other})
         consts = dict(BITS=a.bits, HAS_LUT=a.lut, HAS_BIAS=False, FP32_DOT=False, BLOCK_M=a.bm, BLOCK_N=a.bn,
-                      BLOCK_K=a.bk, SPLIT_K=a.sk)
-        div = ["X", "QW", "S", "Z", "O", "PW", "CNT", "N", "K", "GS", "stride_xm", "stride_om", "stride_qn", "stride_sn"]
+                      BLOCK_K=a.bk, SPLIT_K=a.sk, **{n: 1 for n in unit})
+        div = ["X", "QW", "S", "Z", "O", "PW", "CNT", "N", "K", "GS", "stride_xm", "stride_om", *other]
         sass = compile_sass(k._wa16_kernel, sig, consts, div, a.warps, a.stages)
         codes = a.bn * a.bk
+    elif a.kernel == "kn":
+        sig = dict(X="*bf16", QT="*i32", ST="*bf16", ZT="*bf16", B="*bf16", O="*bf16", WS="*fp32", CNT="*i32",
+                   N="i32", K="i32", G="i32", GS="i32", stride_sg="i32")
+        consts = dict(HAS_BIAS=False, BLOCK_N=a.bn, BW=a.bw, STEPS=a.steps, SPLIT=a.sk, EVEN=True, F16X2=a.f16x2)
+        div = ["X", "QT", "ST", "ZT", "O", "WS", "CNT", "N", "K", "GS", "stride_sg"]
+        sass = compile_sass(k._gemv_kn_kernel, sig, consts, div, a.warps, 1)
+        codes = a.bn * a.bw * a.steps * 8
     else:
         sig = dict(X="*bf16", QW="*i32", S="*bf16", Z="*bf16", LUT="*bf16", B="*bf16", O="*bf16", WS="*fp32",
                    CNT="*i32", N="i32", K="i32", KW="i32", G="i32", GS="i32", stride_qn="i32", stride_sn="i32",
@@ -107,6 +121,11 @@ def main() -> None:
     if a.dump:
         print(sass)
     ls = loops(sass)
+    if a.kernel == "kn":  # no loop over K: count the whole kernel
+        n_ins = sum(1 for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln))
+        print(f"kn: {n_ins} instructions per thread, {codes} codes per program, "
+              f"{n_ins * 32 * a.warps / codes:.2f} instructions per code (fallback path included)")
+        return
     body = ls[-1] if ls else []
     if a.kernel == "gemv" and a.f16x2 and len(ls) > 1:  # the packed-half loop, not the float32 fallback after it
         body = max(ls, key=lambda b: sum(t.split()[0].startswith("HFMA2") for t in b))

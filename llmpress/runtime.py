@@ -278,16 +278,26 @@ class SpeculativeRuntime:
         d_seen = n0  # positions [0, d_seen) hold valid draft keys / values
         while len(seq) < max_new_tokens and not (eos and seq[-1] in eos):
             cur = n0 + len(seq) - 1  # position of the last accepted token (in neither cache yet)
-            for p in range(d_seen, cur):  # the draft missed the last proposal when all were accepted
-                d._set_length(p)
-                d._tok.fill_(seq[p - n0])
-                d._pos.fill_(p)
-                draft_step()
-            d._set_length(cur)
-            d._tok.fill_(seq[-1])
-            d._pos.fill_(cur)
             props = []
-            for _ in range(self.k):
+            if d_seen < cur and not d.cuda_graph:
+                # the draft missed the last proposal (all were accepted): it and the last token
+                # in one forward, which costs about one step on a memory-bound CPU
+                d._set_length(d_seen)
+                back = torch.tensor([seq[d_seen - n0: cur - n0 + 1]], device=d.device)
+                pos = torch.arange(d_seen, cur + 1, device=d.device).reshape(1, -1)
+                d._tok.copy_(d._forward(back, pos)[:, -1].argmax(-1, keepdim=True))
+                d._pos.fill_(cur + 1)
+                props.append(d._tok.clone())
+            else:
+                for p in range(d_seen, cur):  # one graph step per missed token
+                    d._set_length(p)
+                    d._tok.fill_(seq[p - n0])
+                    d._pos.fill_(p)
+                    draft_step()
+                d._set_length(cur)
+                d._tok.fill_(seq[-1])
+                d._pos.fill_(cur)
+            while len(props) < self.k:
                 draft_step()
                 props.append(d._tok.clone())
             prop = torch.cat(props, 1).to(t.device)  # [1, k]

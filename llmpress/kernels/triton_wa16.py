@@ -47,7 +47,7 @@ def _codes_f32(u):
 def _wa16_kernel(
     X, QW, S, Z, LUT, B, O, PW, CNT,
     M, N, K, GS,
-    stride_xm, stride_om, stride_qn, stride_sn, m_bucket, code_mask,
+    stride_xm, stride_om, stride_qn, stride_qk, stride_sn, stride_sg, m_bucket, code_mask,
     BITS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -73,15 +73,17 @@ def _wa16_kernel(
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         g = k0 // GS  # BLOCK_K divides the group: one scale row per step
-        s = tl.load(S + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        s = tl.load(S + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
         if HAS_LUT:  # words as [BLOCK_K / PER, BLOCK_N]: this orientation measured 5x faster for the gather
-            p = tl.load(QW + offs_n[None, :] * stride_qn + (k0 // PER + offs_w)[:, None], mask=n_ok[None, :], other=0)
+            p = tl.load(QW + offs_n[None, :] * stride_qn + (k0 // PER + offs_w)[:, None] * stride_qk,
+                        mask=n_ok[None, :], other=0)
             u = (p[:, None, :] >> shifts[None, :, None]) & MASK  # [BLOCK_K / PER, PER, BLOCK_N]
             u = tl.reshape(u, (BLOCK_K, BLOCK_N))
             w = tl.load(LUT + u) * s[None, :]
         else:
-            p = tl.load(QW + offs_n[:, None] * stride_qn + (k0 // PER + offs_w)[None, :], mask=n_ok[:, None], other=0)
-            z = tl.load(Z + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+            p = tl.load(QW + offs_n[:, None] * stride_qn + (k0 // PER + offs_w)[None, :] * stride_qk,
+                        mask=n_ok[:, None], other=0)
+            z = tl.load(Z + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
             # code j in place, OR-ed into the mantissa of 2^23: minus 2^23 it is u * 2^(BITS * jj);
             # one FFMA with s * 2^-(BITS * jj) and z * s gives (u - z) * s (as the GEMV kernel)
             v = ((p[:, :, None] >> hshift[None, None, :]) & in_place[None, None, :]) | 0x4B000000
@@ -357,6 +359,88 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg,
+            BW: tl.constexpr, STEPS: tl.constexpr, HALF: tl.constexpr, EVEN: tl.constexpr):
+    """``_gemv_kn_kernel``'s partial sums [BLOCK_N] over its STEPS steps of BW word rows."""
+    acc = tl.zeros(offs_n.shape, dtype=tl.float32)
+    for st in tl.static_range(STEPS):
+        w0 = (pid_k * STEPS + st) * BW  # the step's first word row
+        k0 = w0 * 8
+        g = tl.minimum(k0 // GS, G - 1)  # (steps in K's zero padding read the last group: x is 0 there)
+        if EVEN:
+            s = tl.load(ST + g * stride_sg + offs_n).to(tl.float32)
+            z = tl.load(ZT + g * stride_sg + offs_n).to(tl.float32)
+        else:
+            s = tl.load(ST + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            z = tl.load(ZT + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if HALF:
+            ri = tl.arange(0, BW // 2)
+            pe_ptr = QT + (w0 + 2 * ri)[:, None] * N + offs_n[None, :]
+            if EVEN:
+                pe = tl.load(pe_ptr)
+                po = tl.load(pe_ptr + N)
+            else:
+                pe = tl.load(pe_ptr, mask=n_ok[None, :], other=0)
+                po = tl.load(pe_ptr + N, mask=n_ok[None, :], other=0)
+            kb = (k0 + 16 * ri)[:, None]
+            a0, b0, c0, d0, xs0 = _x_pairs(X, kb, K, 0.25, EVEN)
+            a1, b1, c1, d1, xs1 = _x_pairs(X, kb + 8, K, 0.25, EVEN)
+            t = tl.inline_asm_elementwise(
+                _W4X2_DOT_F16X2, "=f,r,r,r,r,r,r,r,r,r,r",
+                [pe, po, tl.broadcast_to(a0, pe.shape), tl.broadcast_to(b0, pe.shape), tl.broadcast_to(c0, pe.shape),
+                 tl.broadcast_to(d0, pe.shape), tl.broadcast_to(a1, pe.shape), tl.broadcast_to(b1, pe.shape),
+                 tl.broadcast_to(c1, pe.shape), tl.broadcast_to(d1, pe.shape)],
+                dtype=tl.float32, is_pure=True, pack=1)
+            xs = tl.sum(xs0 + xs1, axis=0)  # [1]
+            acc += tl.sum(t, axis=0) * (s * 4.0) - (z - 8.0) * s * xs
+        else:
+            ri = tl.arange(0, BW)
+            p_ptr = QT + (w0 + ri)[:, None] * N + offs_n[None, :]
+            if EVEN:
+                p = tl.load(p_ptr)
+            else:
+                p = tl.load(p_ptr, mask=n_ok[None, :], other=0)
+            t = tl.zeros(p.shape, dtype=tl.float32)
+            xs = tl.zeros((BW, 1), dtype=tl.float32)
+            hi = p >> 16
+            for j in tl.static_range(8):  # code j masked in place, OR-ed into 2^23 (as _int_step)
+                xj = _x_at(X, (k0 + 8 * ri + j)[:, None], K, EVEN)
+                xs += xj
+                jj = j % 4
+                src = p if j < 4 else hi
+                v = ((src & (15 << (jj * 4))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                t += v * (xj * (1.0 / (1 << (jj * 4))))
+            acc += tl.sum(t, axis=0) * s - z * s * tl.sum(xs, axis=0)
+    return acc
+
+
+@triton.jit
+def _gemv_kn_kernel(X, QT, ST, ZT, B, O, WS, CNT, N, K, G, GS, stride_sg,
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr, STEPS: tl.constexpr,
+                    SPLIT: tl.constexpr, EVEN: tl.constexpr, F16X2: tl.constexpr = False):
+    """M = 1 over the K-major layout (4-bit integer codes; words [Kp / 8, N], scales and zero
+    points [G, N]): program (pid_n, pid_k) reads STEPS steps of BW word rows, each row one
+    coalesced line across its BLOCK_N columns, with no loop over K; the SPLIT = Kp / (8 BW STEPS)
+    partial sums of a column tile meet in the zeroed workspace (``_store_row``). Many small
+    programs keep more loads in flight than a loop per column tile: 59-61% of the copy ceiling
+    on the large decode shapes of an H100 against 40-42% for ``_gemv_kernel``
+    (``bench/gemv_kn_probe.py``). A step lies inside one group; its x values are shared by
+    every column of the tile. Codes as in ``_gemv_kernel``: packed half precision on the GPU
+    (F16X2, with the float32 redo when an fp16 sum overflows), float32 otherwise.
+    EVEN: whole column tiles and K a multiple of the packing's padding (no masks)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    HALF: tl.constexpr = F16X2 and BW >= 2
+    acc = _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg, BW, STEPS, HALF, EVEN)
+    if HALF:  # an fp16 sum overflowed (|x| in the thousands): this program's share again in float32
+        if tl.max(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32), axis=0) > 0:
+            acc = _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg, BW, STEPS, False, EVEN)
+    _store_row(acc, offs_n, n_ok, B, O, WS, CNT, pid_n, SPLIT, HAS_BIAS)
+
+
+@triton.jit
 def _gemv_lut_kernel(
     X, QW, S, Z, LUT, B, O, WS, CNT,
     N, K, GS,
@@ -416,7 +500,7 @@ def _gemv_lut_kernel(
 
 @triton.jit
 def _dequant_kernel(
-    QW, S, Z, LUT, W, N, K, GS, stride_qn, stride_sn,
+    QW, S, Z, LUT, W, N, K, GS, stride_qn, stride_qk, stride_sn, stride_sg,
     BITS: tl.constexpr, HAS_LUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ONE_GROUP: tl.constexpr = False,
 ):
@@ -432,15 +516,16 @@ def _dequant_kernel(
     offs_w = tl.arange(0, BLOCK_K // PER)
     shifts = tl.arange(0, PER) * BITS
     n_ok = offs_n < N
-    p = tl.load(QW + offs_n[:, None] * stride_qn + (k0 // PER + offs_w)[None, :], mask=n_ok[:, None], other=0)
+    p = tl.load(QW + offs_n[:, None] * stride_qn + (k0 // PER + offs_w)[None, :] * stride_qk, mask=n_ok[:, None],
+                other=0)
     u = tl.reshape((p[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K))
     offs_k = k0 + tl.arange(0, BLOCK_K)
     ok = n_ok[:, None] & (offs_k[None, :] < K)
     if ONE_GROUP:  # [BLOCK_N, 1]: one scale / zero point per row, broadcast over the tile
-        goff = (offs_n * stride_sn + k0 // GS)[:, None]
+        goff = (offs_n * stride_sn + (k0 // GS) * stride_sg)[:, None]
         gm = n_ok[:, None]
     else:  # [BLOCK_N, BLOCK_K]: one per element
-        goff = offs_n[:, None] * stride_sn + (offs_k // GS)[None, :]
+        goff = offs_n[:, None] * stride_sn + (offs_k // GS)[None, :] * stride_sg
         gm = ok
     s = tl.load(S + goff, mask=gm, other=0.0).to(tl.float32)
     if HAS_LUT:
@@ -458,7 +543,7 @@ def dequantize(p: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     lut = p.lut if p.lut is not None else p.scale
     bn, bk = 32, 128
     grid = (triton.cdiv(p.n, bn), triton.cdiv(p.k, bk))
-    _dequant_kernel[grid](p.qw, p.scale, zero, lut, w, p.n, p.k, p.group_size, p.qw.stride(0), p.scale.stride(0),
+    _dequant_kernel[grid](p.qw, p.scale, zero, lut, w, p.n, p.k, p.group_size, *p.qw_nk.stride(), *p.scale_ng.stride(),
                           BITS=p.bits, HAS_LUT=p.lut is not None, BLOCK_N=bn, BLOCK_K=bk,
                           ONE_GROUP=p.group_size >= p.k or p.group_size % bk == 0, num_warps=4)
     return w
@@ -575,6 +660,48 @@ try:
     _gemv_tuned = triton.autotune(**_GEMV_AUTOTUNE, warmup=5, rep=20)(_gemv_even)
 except TypeError:
     _gemv_tuned = triton.autotune(**_GEMV_AUTOTUNE)(_gemv_even)
+
+
+# K-major GEMV (M = 1, 4-bit integer codes): (BLOCK_N, BW word rows per step, STEPS, num_warps) —
+# the best five per shape of a 44-configuration sweep on an H100 (bench/gemv_kn_probe.py, W4 g128
+# at 4096x4096, 14336x4096 and 4096x14336: 512 x 16 x 1 x 4 fastest on the large two), plus
+# narrower tiles for narrow layers (k / v projections) and groups of 32 / 64
+_KN_CONFIGS = [
+    (512, 16, 1, 4), (512, 8, 2, 4), (1024, 16, 1, 8), (256, 16, 2, 4), (512, 8, 1, 4), (1024, 8, 1, 8),
+    (256, 8, 1, 4), (256, 16, 1, 4), (128, 16, 1, 4), (128, 8, 2, 4), (512, 4, 4, 4), (256, 4, 4, 4),
+]
+
+
+def _kn_fits(bw: int, steps: int, group_size: int, k: int, kw: int) -> bool:
+    """A step of ``bw`` word rows inside one group, and the packed K split into whole programs."""
+    return (group_size >= k or group_size % (8 * bw) == 0) and kw % (bw * steps) == 0
+
+
+def _prune_kn(configs, named_args, **kwargs):
+    gs, k, n = named_args["GS"], named_args["K"], named_args["N"]
+    kw = named_args["KW"] if "KW" in named_args else -(-k // PAD_K) * PAD_K // 8
+    out = [c for c in configs if _kn_fits(c.kwargs["BW"], c.kwargs["STEPS"], gs, k, kw)]
+    wide = [c for c in out if c.kwargs["BLOCK_N"] <= max(128, triton.next_power_of_2(n))]
+    return wide or out
+
+
+def _kn_heuristics(a: dict) -> dict:
+    kw = -(-a["K"] // PAD_K) * PAD_K // 8
+    return {"SPLIT": kw // (a["BW"] * a["STEPS"]), "EVEN": a["N"] % a["BLOCK_N"] == 0 and a["K"] % PAD_K == 0}
+
+
+_gemv_kn = triton.heuristics({"SPLIT": lambda a: _kn_heuristics(a)["SPLIT"],
+                              "EVEN": lambda a: _kn_heuristics(a)["EVEN"]})(_gemv_kn_kernel)
+_KN_AUTOTUNE = dict(
+    configs=[triton.Config({"BLOCK_N": n, "BW": bw, "STEPS": st}, num_warps=w, num_stages=1)
+             for n, bw, st, w in _KN_CONFIGS],
+    key=["N", "K", "GS"],
+    prune_configs_by={"early_config_prune": _prune_kn},
+)
+try:
+    _gemv_kn_tuned = triton.autotune(**_KN_AUTOTUNE, warmup=5, rep=20)(_gemv_kn)
+except TypeError:
+    _gemv_kn_tuned = triton.autotune(**_KN_AUTOTUNE)(_gemv_kn)
 
 
 def gemv_ok(bits: int, group_size: int, k: int) -> bool:
@@ -717,7 +844,28 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
         else:
             _lut_tuned[lambda meta: (triton.cdiv(p.n, meta["BLOCK_N"]), meta["SPLIT_K"])](*gargs, **gconsts)
         return out.reshape(*lead, p.n)
-    if m == 1 and gemv_ok(p.bits, p.group_size, p.k) and (gemv_config is not None or config is None):
+    if m == 1 and p.kmajor and (gemv_config is not None or config is None):
+        gs = p.group_size if p.group_size < p.k else 1 << 30  # per channel: one group
+        kargs = (x2, p.qw, p.scale, p.zero, b, out, ws, cnt, p.n, p.k, p.scale.shape[0], gs, p.scale.stride(0))
+        kconsts = dict(HAS_BIAS=bias is not None, F16X2=GEMV_F16X2 and not INTERPRET and x.dtype != torch.float32)
+        if gemv_config is None and not INTERPRET:
+            _gemv_kn_tuned[lambda meta: (triton.cdiv(p.n, meta["BLOCK_N"]), meta["SPLIT"])](*kargs, **kconsts)
+        else:
+            if gemv_config is None:  # (the interpreter) the widest step the groups allow
+                gemv_config = next((c for c in ((64, 8, 2, 4), (64, 4, 2, 4), (64, 2, 2, 4), (64, 1, 1, 4))
+                                    if _kn_fits(c[1], c[2], p.group_size, p.k, p.qw.shape[0])), (64, 1, 1, 4))
+            bn, bw, steps, warps = gemv_config[:4]
+            if bn < MIN_BLOCK_N:
+                raise ValueError(f"BLOCK_N={bn} is below {MIN_BLOCK_N}, the narrowest tile the split-K counters cover")
+            if not _kn_fits(bw, steps, p.group_size, p.k, p.qw.shape[0]):
+                raise ValueError(f"a K-major GEMV step of {bw} word rows x {steps} does not tile groups of "
+                                 f"{p.group_size} and {p.qw.shape[0]} word rows")
+            h = _kn_heuristics(dict(K=p.k, N=p.n, BW=bw, STEPS=steps, BLOCK_N=bn))
+            _gemv_kn_kernel[(triton.cdiv(p.n, bn), h["SPLIT"])](*kargs, **kconsts, BLOCK_N=bn, BW=bw, STEPS=steps,
+                                                                 SPLIT=h["SPLIT"], EVEN=h["EVEN"], num_warps=warps,
+                                                                 num_stages=1)
+        return out.reshape(*lead, p.n)
+    if m == 1 and not p.kmajor and gemv_ok(p.bits, p.group_size, p.k) and (gemv_config is not None or config is None):
         table = p.lut if p.lut is not None else p.scale
         gs = p.group_size if p.group_size < p.k else p.qw.shape[1] * p.per_word  # per channel: one group
         gargs = (x2, p.qw, p.scale, zero, table, b, out, ws, cnt, p.n, p.k, p.qw.shape[1], p.scale.shape[1], gs,
@@ -744,7 +892,7 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
         most = (config or (64, 64, 2, 4, 2))[2]
     pw = _partials(x.device, most * m * p.n)
     args = (x2, p.qw, p.scale, zero, lut, b, out, pw, cnt, m, p.n, p.k, p.group_size, x2.stride(0), out.stride(0),
-            p.qw.stride(0), p.scale.stride(0), mb, (1 << p.bits) - 1)
+            *p.qw_nk.stride(), *p.scale_ng.stride(), mb, (1 << p.bits) - 1)
     consts = dict(BITS=p.bits, HAS_LUT=p.lut is not None, HAS_BIAS=bias is not None,
                   FP32_DOT=x.dtype == torch.float32, BLOCK_M=bm)
     if config is None and not INTERPRET:

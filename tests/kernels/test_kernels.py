@@ -31,11 +31,18 @@ def _qw(n: int, k: int, scheme: QuantScheme, seed: int = 0) -> QuantizedWeight:
     return rtn(torch.randn(n, k, generator=g), scheme)
 
 
+@pytest.mark.parametrize("kmajor", [None, False], ids=["default", "n-major"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
-def test_layout_roundtrip_and_reference(scheme):
+def test_layout_roundtrip_and_reference(scheme, kmajor):
     qw = _qw(72, 256, scheme)
-    p = layout.pack(qw, torch.float32)
-    assert p.qw.dtype == torch.int32 and p.qw.shape[0] == 72 and p.qw.shape[1] * p.per_word % layout.PAD_K == 0
+    p = layout.pack(qw, torch.float32, kmajor=kmajor)
+    assert p.kmajor == (kmajor is None and scheme.bits <= 4)  # K-major by default for 4-bit slots
+    q = p.qw_nk
+    assert q.dtype == torch.int32 and q.shape[0] == 72 and q.shape[1] * p.per_word % layout.PAD_K == 0
+    assert p.scale_ng.shape[0] == 72 and (not p.kmajor or (p.qw.is_contiguous() and p.qw.shape[1] == 72))
+    if scheme.bits > 4:
+        with pytest.raises(layout.UnsupportedLayout, match="4-bit"):
+            layout.pack(qw, kmajor=True)
     torch.testing.assert_close(layout.dequantize(p), qw.dequantize(), rtol=0, atol=1e-6)
     x = torch.randn(5, 256)
     b = torch.randn(72)
@@ -148,13 +155,22 @@ _INTERP = textwrap.dedent("""
         else:
             q = rtn(w, sch)
             W = q.dequantize()
-        for dt in (torch.float32, torch.float16):
-            p = layout.pack(q, dt)
-            for m, cfg, gcfg in ((1, None, (32, 32, 2, 4, True)), (1, None, (16, 64, 1, 4, False)),
-                                 (1, None, (16, 8, 3, 4, True)), (1, None, (8, 8, 3, 4, True)),
-                                 (1, (32, 64, 2, 4, 2), None),
-                                 (5, (64, 32, 1, 4, 2), None), (19, (32, 128, 3, 4, 2), None), (70, (16, 64, 3, 4, 2), None),
-                                 (9, None, None), (100, None, None)):
+        int4 = not isinstance(sch, str) or sch == "hqq"
+        int4 = int4 and (sch == "hqq" or sch.bits <= 4)
+        for dt, km in ((torch.float32, None), (torch.float16, None)) + (((torch.float16, False),) if int4 else ()):
+            p = layout.pack(q, dt, kmajor=km)
+            assert p.kmajor == (int4 and km is None)
+            if p.kmajor:  # K-major GEMV: (BLOCK_N, word rows per step, steps, warps), steps inside a group
+                gs = p.group_size
+                gemvs = [(1, None, c) for c in ((64, 4, 2, 4), (16, 4, 1, 8), (32, 2, 4, 4))
+                         if gs >= k or gs % (8 * c[1]) == 0] + [(1, None, None)]
+            else:
+                gemvs = [(1, None, (32, 32, 2, 4, True)), (1, None, (16, 64, 1, 4, False)),
+                         (1, None, (16, 8, 3, 4, True)), (1, None, (8, 8, 3, 4, True))]
+            tcs = [] if km is False else [(1, (32, 64, 2, 4, 2), None), (5, (64, 32, 1, 4, 2), None),
+                                          (19, (32, 128, 3, 4, 2), None), (70, (16, 64, 3, 4, 2), None),
+                                          (9, None, None), (100, None, None)]
+            for m, cfg, gcfg in gemvs + tcs:
                 x = torch.randn(m, k, generator=g)
                 b = torch.randn(n, generator=g)
                 y = matmul(x.to(dt), p, b.to(dt), config=cfg, gemv_config=gcfg)
@@ -164,14 +180,15 @@ _INTERP = textwrap.dedent("""
                 tol = 1e-5 if dt == torch.float32 else 3e-3
                 assert err < tol, (sch, n, k, m, dt, err)
                 worst = max(worst, err)
-        p32 = layout.pack(q, torch.float32)
-        assert torch.equal(dequantize(p32, torch.float32), layout.dequantize(p32))  # the prefill path's weight
+        for km in ((None, False) if int4 else (None,)):
+            p32 = layout.pack(q, torch.float32, kmajor=km)
+            assert torch.equal(dequantize(p32, torch.float32), layout.dequantize(p32))  # the prefill path's weight
     from llmpress.kernels.triton_wa16 import _WORKSPACES
     for ws, cnt in _WORKSPACES.values():  # split-K leaves its workspace and counters zeroed
         assert not ws.any() and not cnt.any()
     try:  # tiles narrower than the split-K counters cover are refused
-        matmul(torch.randn(1, 256), layout.pack(rtn(torch.randn(16, 256), QuantScheme(4, True, "group", 64))),
-               gemv_config=(4, 8, 2, 4, True))
+        matmul(torch.randn(1, 256), layout.pack(rtn(torch.randn(16, 256), QuantScheme(4, True, "group", 64)),
+                                                kmajor=False), gemv_config=(4, 8, 2, 4, True))
         raise SystemExit("a 4-column GEMV tile was accepted")
     except ValueError as e:
         assert "narrowest tile" in str(e), e
