@@ -122,7 +122,7 @@ def main() -> None:
         print(sass)
     ls = loops(sass)
     if a.kernel == "kn":  # no loop over K: count the whole kernel
-        n_ins = sum(1 for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln))
+        n_ins = sum(1 for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln))
         print(f"kn: {n_ins} instructions per thread, {codes} codes per program, "
               f"{n_ins * 32 * a.warps / codes:.2f} instructions per code (fallback path included)")
         return

@@ -665,10 +665,12 @@ except TypeError:
 # K-major GEMV (M = 1, 4-bit integer codes): (BLOCK_N, BW word rows per step, STEPS, num_warps) —
 # the best five per shape of a 44-configuration sweep on an H100 (bench/gemv_kn_probe.py, W4 g128
 # at 4096x4096, 14336x4096 and 4096x14336: 512 x 16 x 1 x 4 fastest on the large two), plus
-# narrower tiles for narrow layers (k / v projections) and groups of 32 / 64
+# narrower tiles for narrow layers (k / v projections: enough programs to fill the GPU) and
+# for groups of 32 / 64 (a step stays inside one group)
 _KN_CONFIGS = [
     (512, 16, 1, 4), (512, 8, 2, 4), (1024, 16, 1, 8), (256, 16, 2, 4), (512, 8, 1, 4), (1024, 8, 1, 8),
     (256, 8, 1, 4), (256, 16, 1, 4), (128, 16, 1, 4), (128, 8, 2, 4), (512, 4, 4, 4), (256, 4, 4, 4),
+    (128, 8, 1, 4),
 ]
 
 
