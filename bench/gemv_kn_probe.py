@@ -119,10 +119,54 @@ def interpret_check() -> None:
         assert err < 1e-4
 
 
+def shipped(dev, ceil: float, out: str) -> None:
+    """The shipped K-major GEMV (triton_wa16._gemv_kn_kernel): its autotuned pick, then each of
+    its configurations with and without the fp16-overflow redo (CHECK), W4 g128 sym, M = 1."""
+    rows = []
+    for n, k in SHAPES:
+        torch.manual_seed(0)
+        w = torch.randn(n, k, device=dev) * 0.02
+        r = max(4, int(200e6 // (n * k * 2)) + 1)
+        wb = [w.to(torch.bfloat16).clone() for _ in range(r)]
+        p0 = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16)
+        ps = [p0] + [p0.clone() for _ in range(r - 1)]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])
+        tw.matmul(x, p0)
+        t_auto = graph_time([lambda P=P: tw.matmul(x, P) for P in ps])
+        pick = str(tw._gemv_kn_tuned.best_config)
+        res = [("autotuned " + pick, t_auto)]
+        ws, cnt = tw._workspace(dev, 1, n)
+        for cfg in tw._KN_CONFIGS:
+            bn, bw, st, wp = cfg
+            if not tw._kn_fits(bw, st, 128, k, p0.qw.shape[0]):
+                continue
+            h = tw._kn_heuristics(dict(K=k, N=n, BW=bw, STEPS=st, BLOCK_N=bn))
+            for check in (True, False):
+                def call(P, bn=bn, bw=bw, st=st, wp=wp, h=h, check=check):
+                    out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+                    tw._gemv_kn_kernel[(triton.cdiv(n, bn), h["SPLIT"])](
+                        x, P.qw, P.scale, P.zero, P.scale, out, ws, cnt, n, k, P.scale.shape[0], 128, P.scale.stride(0),
+                        HAS_BIAS=False, BLOCK_N=bn, BW=bw, STEPS=st, SPLIT=h["SPLIT"], EVEN=h["EVEN"], F16X2=True,
+                        CHECK=check, num_warps=wp, num_stages=1)
+                    return out
+                ref = tw.matmul(x, p0).float()
+                err = float((call(p0).float() - ref).norm() / ref.norm())
+                res.append((f"{cfg} check={check} err={err:.1e}", graph_time([lambda P=P: call(P) for P in ps])))
+        for name, t in res:
+            rows.append({"shape": f"{n}x{k}", "kernel": name, "ms": t * 1e3, "pct_copy_ceiling": 100 * p0.nbytes / t / ceil,
+                         "speedup_vs_bf16": t_bf / t})
+            print(f"  {n}x{k} {name:60s} {t * 1e6:7.1f} us {100 * p0.nbytes / t / ceil:5.1f}% {t_bf / t:5.2f}x", flush=True)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, "gemv-kn-shipped.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(), "copy_ceiling_tb_s": ceil / 1e12, "rows": rows}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/out")
     ap.add_argument("--interpret", action="store_true")
+    ap.add_argument("--shipped", action="store_true", help="time the shipped K-major GEMV's configurations")
     args = ap.parse_args()
     if args.interpret:
         interpret_check()
@@ -130,6 +174,9 @@ def main() -> None:
     dev = torch.device("cuda")
     ceil = copy_ceiling(dev)
     print(f"copy ceiling {ceil / 1e12:.2f} TB/s on {torch.cuda.get_device_name()}", flush=True)
+    if args.shipped:
+        shipped(dev, ceil, args.out)
+        return
     # correctness on ragged-ish shapes (N not a tile multiple), both paths
     g = torch.Generator().manual_seed(3)
     worst, bad = 0.0, 0

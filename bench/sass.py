@@ -105,7 +105,7 @@ def main() -> None:
     elif a.kernel == "kn":
         sig = dict(X="*bf16", QT="*i32", ST="*bf16", ZT="*bf16", B="*bf16", O="*bf16", WS="*fp32", CNT="*i32",
                    N="i32", K="i32", G="i32", GS="i32", stride_sg="i32")
-        consts = dict(HAS_BIAS=False, BLOCK_N=a.bn, BW=a.bw, STEPS=a.steps, SPLIT=a.sk, EVEN=True, F16X2=a.f16x2)
+        consts = dict(HAS_BIAS=False, BLOCK_N=a.bn, BW=a.bw, STEPS=a.steps, SPLIT=a.sk, EVEN=True, F16X2=a.f16x2, CHECK=True)
         div = ["X", "QT", "ST", "ZT", "O", "WS", "CNT", "N", "K", "GS", "stride_sg"]
         sass = compile_sass(k._gemv_kn_kernel, sig, consts, div, a.warps, 1)
         codes = a.bn * a.bw * a.steps * 8

@@ -417,7 +417,8 @@ def _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg,
 @triton.jit
 def _gemv_kn_kernel(X, QT, ST, ZT, B, O, WS, CNT, N, K, G, GS, stride_sg,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr, STEPS: tl.constexpr,
-                    SPLIT: tl.constexpr, EVEN: tl.constexpr, F16X2: tl.constexpr = False):
+                    SPLIT: tl.constexpr, EVEN: tl.constexpr, F16X2: tl.constexpr = False,
+                    CHECK: tl.constexpr = True):
     """M = 1 over the K-major layout (4-bit integer codes; words [Kp / 8, N], scales and zero
     points [G, N]): program (pid_n, pid_k) reads STEPS steps of BW word rows, each row one
     coalesced line across its BLOCK_N columns, with no loop over K; the SPLIT = Kp / (8 BW STEPS)
@@ -427,14 +428,15 @@ def _gemv_kn_kernel(X, QT, ST, ZT, B, O, WS, CNT, N, K, G, GS, stride_sg,
     (``bench/gemv_kn_probe.py``). A step lies inside one group; its x values are shared by
     every column of the tile. Codes as in ``_gemv_kernel``: packed half precision on the GPU
     (F16X2, with the float32 redo when an fp16 sum overflows), float32 otherwise.
-    EVEN: whole column tiles and K a multiple of the packing's padding (no masks)."""
+    EVEN: whole column tiles and K a multiple of the packing's padding (no masks). CHECK=False
+    drops the overflow redo (measurement only: bench/gemv_kn_probe.py --shipped)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     HALF: tl.constexpr = F16X2 and BW >= 2
     acc = _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg, BW, STEPS, HALF, EVEN)
-    if HALF:  # an fp16 sum overflowed (|x| in the thousands): this program's share again in float32
+    if HALF and CHECK:  # an fp16 sum overflowed (|x| in the thousands): this program's share again in float32
         if tl.max(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32), axis=0) > 0:
             acc = _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg, BW, STEPS, False, EVEN)
     _store_row(acc, offs_n, n_ok, B, O, WS, CNT, pid_n, SPLIT, HAS_BIAS)
