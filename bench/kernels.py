@@ -234,7 +234,8 @@ def gpu(args) -> dict:
                 Path(args.partial).write_text(json.dumps({"copy_ceiling_tb_s": ceil / 1e12, "checks": checks, "rows": rows}))
     from llmpress.kernels import triton_wa16 as tw
 
-    chosen = {f"{name} {k}": str(v) for name, t in (("gemv", tw._gemv_tuned), ("mma", tw._tuned))
+    chosen = {f"{name} {k}": str(v) for name, t in (("gemv kn", tw._gemv_kn_tuned), ("gemv", tw._gemv_tuned),
+                                                                 ("mma", tw._tuned))
               for k, v in getattr(t, "cache", {}).items()}
     print("autotuned:", json.dumps(chosen, indent=0)[:3000])
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_ceiling_tb_s": ceil / 1e12,
