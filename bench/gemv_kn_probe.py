@@ -142,17 +142,21 @@ def shipped(dev, ceil: float, out: str) -> None:
             if not tw._kn_fits(bw, st, 128, k, p0.qw.shape[0]):
                 continue
             h = tw._kn_heuristics(dict(K=k, N=n, BW=bw, STEPS=st, BLOCK_N=bn))
-            for check in (True, False):
-                def call(P, bn=bn, bw=bw, st=st, wp=wp, h=h, check=check):
+            for check, xscale in ((True, False), (False, False), (False, True)):
+                def call(P, xx=x, bn=bn, bw=bw, st=st, wp=wp, h=h, check=check, xscale=xscale):
                     out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
                     tw._gemv_kn_kernel[(triton.cdiv(n, bn), h["SPLIT"])](
-                        x, P.qw, P.scale, P.zero, P.scale, out, ws, cnt, n, k, P.scale.shape[0], 128, P.scale.stride(0),
+                        xx, P.qw, P.scale, P.zero, P.scale, out, ws, cnt, n, k, P.scale.shape[0], 128, P.scale.stride(0),
                         HAS_BIAS=False, BLOCK_N=bn, BW=bw, STEPS=st, SPLIT=h["SPLIT"], EVEN=h["EVEN"], F16X2=True,
-                        CHECK=check, num_warps=wp, num_stages=1)
+                        CHECK=check, XSCALE=xscale, num_warps=wp, num_stages=1)
                     return out
-                ref = tw.matmul(x, p0).float()
+                ref = layout.reference_matmul(x.float(), p0).float()
                 err = float((call(p0).float() - ref).norm() / ref.norm())
-                res.append((f"{cfg} check={check} err={err:.1e}", graph_time([lambda P=P: call(P) for P in ps])))
+                big = x * 3e4  # fp16 sums overflow at c = 1/4: the redo (check) or the scaling must hold
+                refb = layout.reference_matmul(big.float(), p0).float()
+                errb = float((call(p0, big).float() - refb).norm() / refb.norm())
+                res.append((f"{cfg} check={check} xscale={xscale} err={err:.1e} big={errb:.1e}",
+                            graph_time([lambda P=P: call(P) for P in ps])))
         for name, t in res:
             rows.append({"shape": f"{n}x{k}", "kernel": name, "ms": t * 1e3, "pct_copy_ceiling": 100 * p0.nbytes / t / ceil,
                          "speedup_vs_bf16": t_bf / t})
