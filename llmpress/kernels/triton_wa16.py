@@ -692,7 +692,7 @@ def _kn_fits(bw: int, steps: int, group_size: int, k: int, kw: int) -> bool:
 
 def _prune_kn(configs, named_args, **kwargs):
     gs, k, n = named_args["GS"], named_args["K"], named_args["N"]
-    kw = named_args["KW"] if "KW" in named_args else -(-k // PAD_K) * PAD_K // 8
+    kw = -(-k // PAD_K) * PAD_K // 8  # word rows of the packed K
     out = [c for c in configs if _kn_fits(c.kwargs["BW"], c.kwargs["STEPS"], gs, k, kw)]
     wide = [c for c in out if c.kwargs["BLOCK_N"] <= max(128, triton.next_power_of_2(n))]
     return wide or out

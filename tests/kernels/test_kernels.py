@@ -220,3 +220,21 @@ def test_gemv_wide_tiles_are_the_packed_half_paths_own():
         kept = tw._prune_gemv(cfgs, args, **kw)
         assert len(kept) == n - len(wide), kw
         assert all(c.kwargs["BLOCK_N"] * c.kwargs["NG"] * c.kwargs["WPG"] <= 32 * 32 * c.num_warps for c in kept)
+
+
+def test_kmajor_gemv_configurations_fit_groups_and_narrow_layers():
+    """The K-major GEMV's autotuner only offers steps inside one group that split the packed K
+    into whole programs, and no tiles far wider than the layer."""
+    pytest.importorskip("triton")
+    from llmpress.kernels import triton_wa16 as tw
+
+    cfgs = tw._KN_AUTOTUNE["configs"]
+    g32 = tw._prune_kn(cfgs, {"GS": 32, "K": 4096, "N": 4096})
+    assert g32 and all(c.kwargs["BW"] * 8 <= 32 for c in g32)
+    chan = tw._prune_kn(cfgs, {"GS": 1 << 30, "K": 4096, "N": 4096})
+    assert len(chan) == len(cfgs)  # per channel: every step fits
+    narrow = tw._prune_kn(cfgs, {"GS": 128, "K": 4096, "N": 64})
+    assert narrow and all(c.kwargs["BLOCK_N"] <= 128 for c in narrow)
+    ragged = tw._prune_kn(cfgs, {"GS": 1 << 30, "K": 200, "N": 4096})  # packed to 256: 32 word rows
+    assert ragged and all(32 % (c.kwargs["BW"] * c.kwargs["STEPS"]) == 0 for c in ragged)
+    assert tw._kn_heuristics({"K": 200, "N": 4096, "BW": 16, "STEPS": 1, "BLOCK_N": 512}) == {"SPLIT": 2, "EVEN": False}
