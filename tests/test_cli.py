@@ -100,10 +100,17 @@ def test_compress_stream_gpus_launches_torchrun(tmp_path, tiny_dir, text_file):
     import sys
 
     j = tmp_path / "r.json"
-    r = subprocess.run([sys.executable, "-m", "llmpress", "compress", str(tiny_dir), "-r", "w4a16-gptq", "-g", "32",
-                        "-o", str(tmp_path / "out"), "--stream", "--gpus", "2", "--calib", str(text_file),
-                        "--n-samples", "4", "--seqlen", "32", "--json", str(j)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    cmd = [sys.executable, "-m", "llmpress", "compress", str(tiny_dir), "-r", "w4a16-gptq", "-g", "32",
+           "-o", str(tmp_path / "out"), "--stream", "--gpus", "2", "--calib", str(text_file),
+           "--n-samples", "4", "--seqlen", "32", "--json", str(j)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0 and "SIGABRT" in r.stderr:
+        # a gloo worker on this 2-core machine aborted once in a fresh-clone CI run (2026-12-06; not yet
+        # reproduced: 3/3 passes right after); one more try, and both stderrs if that fails too
+        first = r.stderr
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, first[:3000] + "\n...\n" + r.stderr[:3000] + "\n...\n" + r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[:3000] + "\n...\n" + r.stderr[-2000:]
     rep = json.loads(j.read_text())
     assert rep["processes"] == 2 and len(rep["compression"]["layers"]) == 14
     assert {x.get("rank") for x in rep["compression"]["layers"]} == {0, 1}
