@@ -276,6 +276,12 @@ def _store_row(acc, offs_n, n_ok, B, O, WS, CNT, pid_n, SPLIT_K: tl.constexpr, H
 
 
 @triton.jit
+def _nonfinite(acc):
+    """Whether any of the program's sums is NaN or infinite (an fp16 sum overflowed)."""
+    return tl.max(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def _gemv_sum(X, LUT, qrow, S, Z, srow, rw, kw, n_ok, K, KW, G, GS, k_first, code_mask,
               BITS: tl.constexpr, HAS_LUT: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr,
               STEP: tl.constexpr, PREFETCH: tl.constexpr, EVEN: tl.constexpr, HALF: tl.constexpr):
@@ -352,7 +358,7 @@ def _gemv_kernel(
     acc1 = _gemv_sum(X, LUT, qrow, S, Z, srow, rw, kw, n_ok, K, KW, G, GS, pid_k * BLOCK_K, code_mask, BITS, HAS_LUT,
                      BLOCK_N, NG, WPG, STEP, PREFETCH, EVEN, HALF)
     if HALF:  # an fp16 sum overflowed (|x| in the thousands): this program's share again in float32
-        if tl.max(((acc1 != acc1) | (tl.abs(acc1) == float("inf"))).to(tl.int32), axis=0) > 0:
+        if _nonfinite(acc1):
             acc1 = _gemv_sum(X, LUT, qrow, S, Z, srow, rw, kw, n_ok, K, KW, G, GS, pid_k * BLOCK_K, code_mask, BITS,
                              HAS_LUT, BLOCK_N, NG, WPG, STEP, PREFETCH, EVEN, False)
     _store_row(acc1, offs_n, n_ok, B, O, WS, CNT, pid_n, SPLIT_K, HAS_BIAS)
@@ -446,7 +452,7 @@ def _gemv_kn_kernel(X, QT, ST, ZT, B, O, WS, CNT, N, K, G, GS, stride_sg,
     HALF: tl.constexpr = F16X2 and BW >= 2
     acc = _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg, BW, STEPS, HALF, EVEN, XSCALE)
     if HALF and CHECK and not XSCALE:  # an fp16 sum overflowed (|x| in the thousands): this program's share again in float32
-        if tl.max(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32), axis=0) > 0:
+        if _nonfinite(acc):
             acc = _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg, BW, STEPS, False, EVEN)
     _store_row(acc, offs_n, n_ok, B, O, WS, CNT, pid_n, SPLIT, HAS_BIAS)
 
@@ -601,10 +607,16 @@ _AUTOTUNE = dict(
     key=["N", "K", "GS", "BITS", "HAS_LUT", "BLOCK_M", "m_bucket"],  # m_bucket: tuned per power-of-two M
     prune_configs_by={"early_config_prune": _prune},
 )
-try:  # shorter trials (ms): decode kernels run for microseconds
-    _tuned = triton.autotune(**_AUTOTUNE, warmup=5, rep=20)(_wa16_kernel)
-except TypeError:  # a Triton without these arguments
-    _tuned = triton.autotune(**_AUTOTUNE)(_wa16_kernel)
+def _autotune(spec: dict, kernel):
+    """``triton.autotune(**spec)`` with short trials (decode kernels run for microseconds),
+    or Triton's default trials where it lacks those arguments."""
+    try:
+        return triton.autotune(**spec, warmup=5, rep=20)(kernel)
+    except TypeError:
+        return triton.autotune(**spec)(kernel)
+
+
+_tuned = _autotune(_AUTOTUNE, _wa16_kernel)
 
 # GEMV (M = 1): (BLOCK_N, words per step, SPLIT_K, num_warps, prefetch) — the fastest of two
 # sweeps on an H100 at 4096x4096, 14336x4096 and 4096x14336, W4 g128 and W8 per channel
@@ -667,10 +679,7 @@ _GEMV_AUTOTUNE = dict(
     key=["N", "K", "GS", "BITS", "HAS_LUT"],
     prune_configs_by={"early_config_prune": _prune_gemv},
 )
-try:
-    _gemv_tuned = triton.autotune(**_GEMV_AUTOTUNE, warmup=5, rep=20)(_gemv_even)
-except TypeError:
-    _gemv_tuned = triton.autotune(**_GEMV_AUTOTUNE)(_gemv_even)
+_gemv_tuned = _autotune(_GEMV_AUTOTUNE, _gemv_even)
 
 
 # K-major GEMV (M = 1, 4-bit integer codes): (BLOCK_N, BW word rows per step, STEPS, num_warps) —
@@ -690,17 +699,21 @@ def _kn_fits(bw: int, steps: int, group_size: int, k: int, kw: int) -> bool:
     return (group_size >= k or group_size % (8 * bw) == 0) and kw % (bw * steps) == 0
 
 
+def _kn_word_rows(k: int) -> int:
+    """Rows of 4-bit words in the packed K (padded to PAD_K)."""
+    return -(-k // PAD_K) * PAD_K // 8
+
+
 def _prune_kn(configs, named_args, **kwargs):
     gs, k, n = named_args["GS"], named_args["K"], named_args["N"]
-    kw = -(-k // PAD_K) * PAD_K // 8  # word rows of the packed K
+    kw = _kn_word_rows(k)
     out = [c for c in configs if _kn_fits(c.kwargs["BW"], c.kwargs["STEPS"], gs, k, kw)]
     wide = [c for c in out if c.kwargs["BLOCK_N"] <= max(128, triton.next_power_of_2(n))]
     return wide or out
 
 
 def _kn_heuristics(a: dict) -> dict:
-    kw = -(-a["K"] // PAD_K) * PAD_K // 8
-    return {"SPLIT": kw // (a["BW"] * a["STEPS"]), "EVEN": a["N"] % a["BLOCK_N"] == 0 and a["K"] % PAD_K == 0}
+    return {"SPLIT": _kn_word_rows(a["K"]) // (a["BW"] * a["STEPS"]), "EVEN": a["N"] % a["BLOCK_N"] == 0 and a["K"] % PAD_K == 0}
 
 
 _gemv_kn = triton.heuristics({"SPLIT": lambda a: _kn_heuristics(a)["SPLIT"],
@@ -711,10 +724,7 @@ _KN_AUTOTUNE = dict(
     key=["N", "K", "GS"],
     prune_configs_by={"early_config_prune": _prune_kn},
 )
-try:
-    _gemv_kn_tuned = triton.autotune(**_KN_AUTOTUNE, warmup=5, rep=20)(_gemv_kn)
-except TypeError:
-    _gemv_kn_tuned = triton.autotune(**_KN_AUTOTUNE)(_gemv_kn)
+_gemv_kn_tuned = _autotune(_KN_AUTOTUNE, _gemv_kn)
 
 
 def gemv_ok(bits: int, group_size: int, k: int) -> bool:
@@ -754,10 +764,7 @@ _LUT_AUTOTUNE = dict(
     key=["N", "K", "GS"],
     prune_configs_by={"early_config_prune": _prune_lut},
 )
-try:
-    _lut_tuned = triton.autotune(**_LUT_AUTOTUNE, warmup=5, rep=20)(_gemv_lut_kernel)
-except TypeError:
-    _lut_tuned = triton.autotune(**_LUT_AUTOTUNE)(_gemv_lut_kernel)
+_lut_tuned = _autotune(_LUT_AUTOTUNE, _gemv_lut_kernel)
 
 
 _PARTIALS: dict = {}

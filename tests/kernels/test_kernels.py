@@ -155,8 +155,7 @@ _INTERP = textwrap.dedent("""
         else:
             q = rtn(w, sch)
             W = q.dequantize()
-        int4 = not isinstance(sch, str) or sch == "hqq"
-        int4 = int4 and (sch == "hqq" or sch.bits <= 4)
+        int4 = sch == "hqq" or (not isinstance(sch, str) and sch.bits <= 4)  # integer codes in 4-bit slots
         for dt, km in ((torch.float32, None), (torch.float16, None)) + (((torch.float16, False),) if int4 else ()):
             p = layout.pack(q, dt, kmajor=km)
             assert p.kmajor == (int4 and km is None)
