@@ -252,6 +252,8 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode step through torch.compile (fuses norms / rotary / activations; compiles once, "
                         "~1-3 min for an 8B model; 1.27x bf16 and 1.41x W4 tokens/s on an H100, BENCHMARKS.md)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="keep q/k/v and gate/up as separate matmuls (fused by default on a GPU: llmpress.fuse)")
     p.add_argument("--max-len", type=int, default=None, help="static KV cache length (default: what the run needs)")
     p.add_argument("--trust-remote-code", action="store_true")
 
@@ -289,7 +291,8 @@ def _generate(a: argparse.Namespace) -> dict:
                                 cuda_graph=not a.no_cuda_graph)
         out, st = rt.generate(ids, a.max_new_tokens, eos_token_id=eos)
     else:
-        rt = Runtime(model, max_len=max_len, cuda_graph=not a.no_cuda_graph, compile=a.compile)
+        rt = Runtime(model, max_len=max_len, cuda_graph=not a.no_cuda_graph, compile=a.compile,
+                     fuse=False if a.no_fuse else None)
         out, st = rt.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                               eos_token_id=eos, seed=a.seed)
     completion = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -311,7 +314,7 @@ def _bench_speed(a: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, a.prompt_len), generator=g)
     rt = Runtime(model, max_len=a.max_len or a.prompt_len + a.new_tokens, cuda_graph=not a.no_cuda_graph,
-                 compile=a.compile)
+                 compile=a.compile, fuse=False if a.no_fuse else None)
     rt.generate(ids, min(a.new_tokens, 8))  # warm-up: graph capture, kernel autotuning
     runs = [rt.generate(ids, a.new_tokens)[1] for _ in range(a.repeats)]
     med = (lambda f: statistics.median(f(r) for r in runs))  # noqa: E731
@@ -321,6 +324,9 @@ def _bench_speed(a: argparse.Namespace) -> dict:
            "ttft_ms": med(lambda r: r.ttft_s * 1e3), "peak_mem_mb": runs[-1].peak_mem_mb}
     rows = [("llmpress runtime", res["prefill_tokens_per_s"], res["decode_tokens_per_s"], res["ttft_ms"])]
     if a.baseline:
+        from llmpress.fuse import unfuse_projections
+
+        unfuse_projections(model)  # the baseline is transformers' own model, projections separate
         times = []
         with torch.inference_mode():
             for _ in range(a.repeats):

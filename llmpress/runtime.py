@@ -67,10 +67,17 @@ class Runtime:
     """
 
     def __init__(self, model: nn.Module, max_len: int = 2048, cuda_graph: bool | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, fuse: bool | None = None) -> None:
         from transformers import StaticCache
 
         self.model = model.eval()
+        p = next(model.parameters())
+        # q/k/v and gate/up as one matmul each (llmpress.fuse; default on a GPU, where each
+        # projection's launch and tail cost is a large share of a batch-1 GEMV)
+        if fuse if fuse is not None else p.device.type == "cuda":
+            from llmpress.fuse import fuse_projections
+
+            fuse_projections(self.model, p.dtype)
         # the decode step's forward through torch.compile (its norms, rotary embedding and
         # activations fused into a few kernels; the quantized matmuls stay our own kernels,
         # opaque to the compiler); prefill keeps the eager model (prompts vary in length)
@@ -80,7 +87,6 @@ class Runtime:
 
             make_opaque(self.model)
             self._step_model = torch.compile(self.model, dynamic=False, fullgraph=False)
-        p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.max_len = int(max_len)
         cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config

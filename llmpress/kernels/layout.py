@@ -149,6 +149,25 @@ def pack(weight: QuantizedWeight | CodebookWeight, dtype: torch.dtype = torch.bf
     return p
 
 
+def cat(parts: list[PackedWeight]) -> PackedWeight:
+    """Packed weights of one input width stacked along the output dimension (one matmul for
+    q/k/v or gate/up): same bits, group size, layout and scale dtype; raises
+    :class:`UnsupportedLayout` otherwise."""
+    def key(p: PackedWeight) -> tuple:
+        return p.bits, p.group_size, p.k, p.kmajor, p.scale.dtype, p.scale.device, p.lut is None, p.zero is None
+
+    a = parts[0]
+    for b in parts[1:]:
+        if key(b) != key(a):
+            raise UnsupportedLayout("packed weights of different bits, groups, widths or layouts do not stack")
+        if a.lut is not None and not torch.equal(a.lut, b.lut):
+            raise UnsupportedLayout("different code books do not stack")
+    d = 1 if a.kmajor else 0  # the output dimension of the stored tensors
+    stack = (lambda ts: None if ts[0] is None else torch.cat(ts, d).contiguous())
+    return dataclasses.replace(a, qw=stack([p.qw for p in parts]), scale=stack([p.scale for p in parts]),
+                               zero=stack([p.zero for p in parts]), n=sum(p.n for p in parts))
+
+
 def dequantize(p: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The [N, K] weight the layout stands for (pure torch)."""
     u = unpack_codes(p.qw_nk.contiguous(), p.bits, p.k).float()
