@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--bw", type=int, default=16, help="kn: word rows per step")
     ap.add_argument("--steps", type=int, default=1, help="kn: steps per program")
     ap.add_argument("--xscale", action="store_true", help="kn: x scaled per step (no overflow redo)")
+    ap.add_argument("--pdl", action="store_true", help="kn: programmatic dependent launch (griddepcontrol)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--bm", type=int, default=16)
     ap.add_argument("--bn", type=int, default=64)
@@ -106,7 +107,8 @@ def main() -> None:
     elif a.kernel == "kn":
         sig = dict(X="*bf16", QT="*i32", ST="*bf16", ZT="*bf16", B="*bf16", O="*bf16", WS="*fp32", CNT="*i32",
                    N="i32", K="i32", G="i32", GS="i32", stride_sg="i32")
-        consts = dict(HAS_BIAS=False, BLOCK_N=a.bn, BW=a.bw, STEPS=a.steps, SPLIT=a.sk, EVEN=True, F16X2=a.f16x2, CHECK=True, XSCALE=a.xscale)
+        consts = dict(HAS_BIAS=False, BLOCK_N=a.bn, BW=a.bw, STEPS=a.steps, SPLIT=a.sk, EVEN=True, F16X2=a.f16x2, CHECK=True, XSCALE=a.xscale,
+                      PDL=a.pdl)
         div = ["X", "QT", "ST", "ZT", "O", "WS", "CNT", "N", "K", "GS", "stride_sg"]
         sass = compile_sass(k._gemv_kn_kernel, sig, consts, div, a.warps, 1)
         codes = a.bn * a.bw * a.steps * 8

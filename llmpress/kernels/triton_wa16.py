@@ -35,6 +35,37 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # the M = 1 kernel's packed-half path for 4-bit codes (inline PTX: never under the interpreter)
 GEMV_F16X2 = os.environ.get("LLMPRESS_GEMV_F16X2", "1") != "0"
 
+try:  # programmatic dependent launch (Hopper): Triton's griddepcontrol wrappers and launch option
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+
+    _PDL_SUPPORTED = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+except ImportError:  # an older Triton: the kernels never take the PDL branch
+    _PDL_SUPPORTED = False
+
+    @triton.jit
+    def _gdc_wait():
+        pass
+
+    @triton.jit
+    def _gdc_launch_dependents():
+        pass
+
+# The K-major GEMV launched with programmatic dependent launch (LLMPRESS_PDL=1; compute
+# capability 9.0+): it may start while the kernel before it finishes, requesting its (constant)
+# weights before waiting for x. Off by default: on an H100 it did not speed up a chain of
+# GEMVs and slowed the compiled W4 decode step by 5% (bench/results/gemv-kn-shipped.json,
+# gpu-decode.json's ablation rows).
+GEMV_PDL = os.environ.get("LLMPRESS_PDL", "0") == "1" and _PDL_SUPPORTED
+# The K-major GEMV's guard against fp16 overflow in its packed-half sums: "xscale" (default: x
+# scaled per step by a power of two that keeps every sum finite, from the x values each thread
+# already holds) or "check" (a block-wide test of the sums, then the program's share again in
+# float32 where one overflowed: 13-20% slower on the large decode shapes of an H100)
+KN_OVERFLOW = os.environ.get("LLMPRESS_KN_OVERFLOW", "xscale")
+if KN_OVERFLOW not in ("xscale", "check"):
+    raise ValueError(f"LLMPRESS_KN_OVERFLOW={KN_OVERFLOW!r}; allowed: xscale, check")
+
 
 @triton.jit
 def _codes_f32(u):
@@ -190,20 +221,32 @@ def _f16x2(hi, lo):
 
 
 @triton.jit
-def _x_pairs(X, kb, K, c, EVEN: tl.constexpr):
-    """One word's 8 x values from kb on, times c, as the four fp16 pairs ``_W4X2_DOT_F16X2`` takes
-    (the in-place positions divided by 16 more), and their float32 sum."""
-    x0 = _x_at(X, kb, K, EVEN)
-    x1 = _x_at(X, kb + 1, K, EVEN)
-    x2 = _x_at(X, kb + 2, K, EVEN)
-    x3 = _x_at(X, kb + 3, K, EVEN)
-    x4 = _x_at(X, kb + 4, K, EVEN)
-    x5 = _x_at(X, kb + 5, K, EVEN)
-    x6 = _x_at(X, kb + 6, K, EVEN)
-    x7 = _x_at(X, kb + 7, K, EVEN)
+def _x8(X, kb, K, EVEN: tl.constexpr):
+    """The 8 x values of one word from kb on, float32."""
+    return (_x_at(X, kb, K, EVEN), _x_at(X, kb + 1, K, EVEN), _x_at(X, kb + 2, K, EVEN), _x_at(X, kb + 3, K, EVEN),
+            _x_at(X, kb + 4, K, EVEN), _x_at(X, kb + 5, K, EVEN), _x_at(X, kb + 6, K, EVEN), _x_at(X, kb + 7, K, EVEN))
+
+
+@triton.jit
+def _absmax8(x0, x1, x2, x3, x4, x5, x6, x7):
+    return tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
+                      tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
+
+
+@triton.jit
+def _pairs8(x0, x1, x2, x3, x4, x5, x6, x7, c):
+    """One word's 8 x values times c as the four fp16 pairs ``_W4X2_DOT_F16X2`` takes (the
+    in-place positions divided by 16 more), and their float32 sum."""
     xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
     c16 = c * 0.0625
     return _f16x2(x4 * c, x0 * c), _f16x2(x5 * c16, x1 * c16), _f16x2(x6 * c, x2 * c), _f16x2(x7 * c16, x3 * c16), xs
+
+
+@triton.jit
+def _x_pairs(X, kb, K, c, EVEN: tl.constexpr):
+    """``_pairs8`` of the word's x values loaded from kb on."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x8(X, kb, K, EVEN)
+    return _pairs8(x0, x1, x2, x3, x4, x5, x6, x7, c)
 
 
 @triton.jit
@@ -365,40 +408,73 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _kn_loads(QT, ST, ZT, offs_n, n_ok, w0, N, G, GS, stride_sg, BW: tl.constexpr, HALF: tl.constexpr,
+              EVEN: tl.constexpr):
+    """One step's words (even and odd word rows for the packed-half path), scales and zero points."""
+    g = tl.minimum(w0 * 8 // GS, G - 1)  # (steps in K's zero padding read the last group: x is 0 there)
+    if EVEN:
+        s = tl.load(ST + g * stride_sg + offs_n)
+        z = tl.load(ZT + g * stride_sg + offs_n)
+    else:
+        s = tl.load(ST + g * stride_sg + offs_n, mask=n_ok, other=0.0)
+        z = tl.load(ZT + g * stride_sg + offs_n, mask=n_ok, other=0.0)
+    if HALF:
+        ri = tl.arange(0, BW // 2)
+        pe_ptr = QT + (w0 + 2 * ri)[:, None] * N + offs_n[None, :]
+        if EVEN:
+            pe = tl.load(pe_ptr)
+            po = tl.load(pe_ptr + N)
+        else:
+            pe = tl.load(pe_ptr, mask=n_ok[None, :], other=0)
+            po = tl.load(pe_ptr + N, mask=n_ok[None, :], other=0)
+    else:
+        ri = tl.arange(0, BW)
+        p_ptr = QT + (w0 + ri)[:, None] * N + offs_n[None, :]
+        if EVEN:
+            pe = tl.load(p_ptr)
+        else:
+            pe = tl.load(p_ptr, mask=n_ok[None, :], other=0)
+        po = pe
+    return pe, po, s, z
+
+
+@triton.jit
 def _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg,
             BW: tl.constexpr, STEPS: tl.constexpr, HALF: tl.constexpr, EVEN: tl.constexpr,
-            XSCALE: tl.constexpr = False):
+            XSCALE: tl.constexpr = False, PDL: tl.constexpr = False):
     """``_gemv_kn_kernel``'s partial sums [BLOCK_N] over its STEPS steps of BW word rows.
     XSCALE (packed half): x is scaled per step by a power of two that keeps every fp16 sum
-    finite (64 |x| c <= 2^14 for the step's largest |x|) instead of the fixed c = 1/4."""
+    finite (64 |x| c <= 2^14 for the step's largest |x|) instead of the fixed c = 1/4.
+    PDL: the first step's weights are requested before waiting for the previous kernel
+    (programmatic dependent launch); x and every write come after the wait."""
     acc = tl.zeros(offs_n.shape, dtype=tl.float32)
+    w_first = pid_k * STEPS * BW
+    pe0, po0, s0, z0 = _kn_loads(QT, ST, ZT, offs_n, n_ok, w_first, N, G, GS, stride_sg, BW, HALF, EVEN)
+    if PDL:
+        _gdc_wait()
+        _gdc_launch_dependents()
     for st in tl.static_range(STEPS):
-        w0 = (pid_k * STEPS + st) * BW  # the step's first word row
+        w0 = w_first + st * BW  # the step's first word row
         k0 = w0 * 8
-        c = 0.25
-        if HALF and XSCALE:
-            kx = k0 + tl.arange(0, BW * 8)
-            xm = tl.max(tl.abs(_x_at(X, kx, K, EVEN)), axis=0)
-            c = tl.minimum(tl.exp2(tl.floor(tl.log2(256.0 / tl.maximum(xm, 1e-30)))), 0.25)
-        g = tl.minimum(k0 // GS, G - 1)  # (steps in K's zero padding read the last group: x is 0 there)
-        if EVEN:
-            s = tl.load(ST + g * stride_sg + offs_n).to(tl.float32)
-            z = tl.load(ZT + g * stride_sg + offs_n).to(tl.float32)
+        if st == 0:
+            pe, po, s, z = pe0, po0, s0, z0
         else:
-            s = tl.load(ST + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            z = tl.load(ZT + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            pe, po, s, z = _kn_loads(QT, ST, ZT, offs_n, n_ok, w0, N, G, GS, stride_sg, BW, HALF, EVEN)
+        s = s.to(tl.float32)
+        z = z.to(tl.float32)
         if HALF:
             ri = tl.arange(0, BW // 2)
-            pe_ptr = QT + (w0 + 2 * ri)[:, None] * N + offs_n[None, :]
-            if EVEN:
-                pe = tl.load(pe_ptr)
-                po = tl.load(pe_ptr + N)
-            else:
-                pe = tl.load(pe_ptr, mask=n_ok[None, :], other=0)
-                po = tl.load(pe_ptr + N, mask=n_ok[None, :], other=0)
             kb = (k0 + 16 * ri)[:, None]
-            a0, b0, c0, d0, xs0 = _x_pairs(X, kb, K, c, EVEN)
-            a1, b1, c1, d1, xs1 = _x_pairs(X, kb + 8, K, c, EVEN)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x8(X, kb, K, EVEN)
+            y0, y1, y2, y3, y4, y5, y6, y7 = _x8(X, kb + 8, K, EVEN)
+            if XSCALE:  # the step's largest |x|: every thread holds the step's x, so no exchange between threads
+                xm = tl.max(tl.maximum(_absmax8(x0, x1, x2, x3, x4, x5, x6, x7),
+                                       _absmax8(y0, y1, y2, y3, y4, y5, y6, y7)), axis=0)
+                c = tl.minimum(tl.exp2(tl.floor(tl.log2(256.0 / tl.maximum(xm, 1e-30)))), 0.25)
+            else:
+                c = 0.25
+            a0, b0, c0, d0, xs0 = _pairs8(x0, x1, x2, x3, x4, x5, x6, x7, c)
+            a1, b1, c1, d1, xs1 = _pairs8(y0, y1, y2, y3, y4, y5, y6, y7, c)
             t = tl.inline_asm_elementwise(
                 _W4X2_DOT_F16X2, "=f,r,r,r,r,r,r,r,r,r,r",
                 [pe, po, tl.broadcast_to(a0, pe.shape), tl.broadcast_to(b0, pe.shape), tl.broadcast_to(c0, pe.shape),
@@ -409,11 +485,7 @@ def _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg,
             acc += tl.sum(t, axis=0) * (s / c) - (z - 8.0) * s * xs
         else:
             ri = tl.arange(0, BW)
-            p_ptr = QT + (w0 + ri)[:, None] * N + offs_n[None, :]
-            if EVEN:
-                p = tl.load(p_ptr)
-            else:
-                p = tl.load(p_ptr, mask=n_ok[None, :], other=0)
+            p = pe
             t = tl.zeros(p.shape, dtype=tl.float32)
             xs = tl.zeros((BW, 1), dtype=tl.float32)
             hi = p >> 16
@@ -432,7 +504,7 @@ def _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg,
 def _gemv_kn_kernel(X, QT, ST, ZT, B, O, WS, CNT, N, K, G, GS, stride_sg,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr, STEPS: tl.constexpr,
                     SPLIT: tl.constexpr, EVEN: tl.constexpr, F16X2: tl.constexpr = False,
-                    CHECK: tl.constexpr = True, XSCALE: tl.constexpr = False):
+                    CHECK: tl.constexpr = True, XSCALE: tl.constexpr = False, PDL: tl.constexpr = False):
     """M = 1 over the K-major layout (4-bit integer codes; words [Kp / 8, N], scales and zero
     points [G, N]): program (pid_n, pid_k) reads STEPS steps of BW word rows, each row one
     coalesced line across its BLOCK_N columns, with no loop over K; the SPLIT = Kp / (8 BW STEPS)
@@ -442,15 +514,16 @@ def _gemv_kn_kernel(X, QT, ST, ZT, B, O, WS, CNT, N, K, G, GS, stride_sg,
     (``bench/gemv_kn_probe.py``). A step lies inside one group; its x values are shared by
     every column of the tile. Codes as in ``_gemv_kernel``: packed half precision on the GPU
     (F16X2, with the float32 redo when an fp16 sum overflows), float32 otherwise.
-    EVEN: whole column tiles and K a multiple of the packing's padding (no masks). CHECK=False
-    drops the overflow redo; XSCALE scales x per step so that no fp16 sum can overflow and
-    drops the redo too (both measurement-only for now: bench/gemv_kn_probe.py --shipped)."""
+    EVEN: whole column tiles and K a multiple of the packing's padding (no masks). XSCALE (the
+    default guard, KN_OVERFLOW) scales x per step so that no fp16 sum can overflow, instead of
+    the CHECK redo; CHECK=False without XSCALE has no guard (measurement only:
+    bench/gemv_kn_probe.py --shipped). PDL: programmatic dependent launch (GEMV_PDL)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     HALF: tl.constexpr = F16X2 and BW >= 2
-    acc = _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg, BW, STEPS, HALF, EVEN, XSCALE)
+    acc = _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg, BW, STEPS, HALF, EVEN, XSCALE, PDL)
     if HALF and CHECK and not XSCALE:  # an fp16 sum overflowed (|x| in the thousands): this program's share again in float32
         if _nonfinite(acc):
             acc = _kn_sum(X, QT, ST, ZT, offs_n, n_ok, pid_k, N, K, G, GS, stride_sg, BW, STEPS, False, EVEN)
@@ -867,7 +940,12 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
     if m == 1 and p.kmajor and (gemv_config is not None or config is None):
         gs = p.group_size if p.group_size < p.k else 1 << 30  # per channel: one group
         kargs = (x2, p.qw, p.scale, p.zero, b, out, ws, cnt, p.n, p.k, p.scale.shape[0], gs, p.scale.stride(0))
-        kconsts = dict(HAS_BIAS=bias is not None, F16X2=GEMV_F16X2 and not INTERPRET and x.dtype != torch.float32)
+        half = GEMV_F16X2 and not INTERPRET and x.dtype != torch.float32
+        kconsts = dict(HAS_BIAS=bias is not None, F16X2=half, XSCALE=half and KN_OVERFLOW == "xscale")
+        # PDL from the second call of a weight on: the first may follow the kernels that packed it
+        if GEMV_PDL and not INTERPRET and p.__dict__.get("_launched", False):
+            kconsts.update(PDL=True, launch_pdl=True)
+        p.__dict__["_launched"] = True
         if gemv_config is None and not INTERPRET:
             _gemv_kn_tuned[lambda meta: (triton.cdiv(p.n, meta["BLOCK_N"]), meta["SPLIT"])](*kargs, **kconsts)
         else:
