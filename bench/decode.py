@@ -94,19 +94,31 @@ def eager_tps(model, ids, new: int, reps: int = 2) -> float:
     return new / statistics.median(ts)  # whole call, prefill included (small next to decode here)
 
 
-def runtime_row(model, ids, new: int, reps: int = 3, compile: bool = False) -> dict:
-    rt = Runtime(model, max_len=ids.shape[1] + new + 8, compile=compile)
+def runtime_row(model, ids, new: int, reps: int = 3, compile: bool = False, fuse: bool = True) -> dict:
+    import torch._dynamo
+
+    from llmpress.fuse import unfuse_projections
+
+    if not fuse:
+        unfuse_projections(model)
+    torch._dynamo.reset()  # each compiled row traces its own model state (fused or not, PDL or not)
+    rt = Runtime(model, max_len=ids.shape[1] + new + 8, compile=compile, fuse=fuse)
     rt.generate(ids, 8)
     runs = [rt.generate(ids, new)[1] for _ in range(reps)]
     ref = runs[0]
-    return {"tokens_per_s": statistics.median(r.decode_tps for r in runs),
-            "prefill_tokens_per_s": statistics.median(r.prefill_tps for r in runs),
-            "ttft_ms": statistics.median(r.ttft_s for r in runs) * 1e3, "peak_mem_mb": ref.peak_mem_mb,
-            "cuda_graph": ref.cuda_graph}
+    out = {"tokens_per_s": statistics.median(r.decode_tps for r in runs),
+           "prefill_tokens_per_s": statistics.median(r.prefill_tps for r in runs),
+           "ttft_ms": statistics.median(r.ttft_s for r in runs) * 1e3, "peak_mem_mb": ref.peak_mem_mb,
+           "cuda_graph": ref.cuda_graph, "fused_projections": fuse}
+    del rt
+    gc.collect()
+    return out
 
 
 def gpu(args) -> dict:
     from bench.kernels import copy_ceiling
+    from llmpress.fuse import unfuse_projections
+    from llmpress.kernels import triton_wa16 as tw
 
     dev = torch.device("cuda")
     ceil = copy_ceiling(dev)
@@ -116,8 +128,15 @@ def gpu(args) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(dev)
     rows = []
     wb = weight_bytes(model)
+    pdl = tw.GEMV_PDL
 
-    def add(name, r, nbytes):
+    def add(name, fn, nbytes):
+        try:
+            r = fn()
+        except Exception as e:  # noqa: BLE001 — a failed row is reported, the others still run
+            print(f"  {name}: FAILED {e!r}"[:400], flush=True)
+            rows.append({"runtime": name, "error": repr(e)[:400]})
+            return
         limit = ceil / nbytes
         r = {"runtime": name, "shape": f"llama3-8b-shape x{args.layers} layers", "M": 1, **r,
              "weight_gb": nbytes / 1e9, "bandwidth_limit_tokens_per_s": limit, "pct_of_limit": 100 * r["tokens_per_s"] / limit}
@@ -125,35 +144,52 @@ def gpu(args) -> dict:
         print(f"  {name}: {r['tokens_per_s']:.1f} tok/s ({r['pct_of_limit']:.0f}% of limit)", flush=True)
 
     with torch.inference_mode():
-        add("transformers eager bf16", {"tokens_per_s": eager_tps(model, ids, args.eager_tokens)}, wb)
-        add("llmpress runtime bf16", runtime_row(model, ids, args.new), wb)
+        add("transformers eager bf16", lambda: {"tokens_per_s": eager_tps(model, ids, args.eager_tokens)}, wb)
+        if args.ablate and args.compile:
+            add("llmpress runtime bf16 compiled, unfused", lambda: runtime_row(model, ids, args.new, compile=True, fuse=False), wb)
+        add("llmpress runtime bf16", lambda: runtime_row(model, ids, args.new), wb)
         if args.compile:
-            add("llmpress runtime bf16 compiled", runtime_row(model, ids, args.new, compile=True), wb)
+            add("llmpress runtime bf16 compiled", lambda: runtime_row(model, ids, args.new, compile=True), wb)
         # 4-bit: our layers built from the same weights
         q = to_w4(random_model(cfg, dev))
         # same random weights as `model` (same generator seed), quantized
-        add("llmpress runtime w4a16 g128", runtime_row(q, ids, args.new), weight_bytes(q))
+        qb = weight_bytes(q)
+        if args.ablate and args.compile:
+            add("llmpress runtime w4a16 g128 compiled, unfused", lambda: runtime_row(q, ids, args.new, compile=True, fuse=False), qb)
+            if tw._PDL_SUPPORTED and not pdl:
+                tw.GEMV_PDL = True
+                add("llmpress runtime w4a16 g128 compiled, PDL", lambda: runtime_row(q, ids, args.new, compile=True), qb)
+                tw.GEMV_PDL = False
+            ov = tw.KN_OVERFLOW
+            tw.KN_OVERFLOW = "check" if ov == "xscale" else "xscale"
+            add(f"llmpress runtime w4a16 g128 compiled, {tw.KN_OVERFLOW} guard",
+                lambda: runtime_row(q, ids, args.new, compile=True), qb)
+            tw.KN_OVERFLOW = ov
+        add("llmpress runtime w4a16 g128", lambda: runtime_row(q, ids, args.new), qb)
         if args.compile:
-            add("llmpress runtime w4a16 g128 compiled", runtime_row(q, ids, args.new, compile=True), weight_bytes(q))
+            add("llmpress runtime w4a16 g128 compiled", lambda: runtime_row(q, ids, args.new, compile=True), qb)
         del q
         gc.collect()
         torch.cuda.empty_cache()
+        unfuse_projections(model)
         try:
             from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
             quantize_(model, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
             nb = sum(m.weight.numel() // 2 + m.weight.numel() // 128 * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
-            add("transformers eager + torchao int4", {"tokens_per_s": eager_tps(model, ids, args.eager_tokens)}, nb)
+            add("transformers eager + torchao int4", lambda: {"tokens_per_s": eager_tps(model, ids, args.eager_tokens)}, nb)
         except Exception as e:  # noqa: BLE001
             print("torchao row failed:", repr(e)[:400])
-    by = {r["runtime"]: r["tokens_per_s"] for r in rows}
-    summary = {"bf16_pct_of_limit": next(r["pct_of_limit"] for r in rows if r["runtime"] == "llmpress runtime bf16"),
-               "w4_vs_our_bf16": by["llmpress runtime w4a16 g128"] / by["llmpress runtime bf16"],
-               "w4_vs_eager_bf16": by["llmpress runtime w4a16 g128"] / by["transformers eager bf16"]}
-    if "transformers eager + torchao int4" in by:
-        summary["w4_vs_torchao_eager"] = by["llmpress runtime w4a16 g128"] / by["transformers eager + torchao int4"]
-    if "llmpress runtime bf16 compiled" in by:
-        lim = next(r["bandwidth_limit_tokens_per_s"] for r in rows if r["runtime"] == "llmpress runtime bf16")
+    by = {r["runtime"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    summary = {"pdl": pdl, "kn_overflow": tw.KN_OVERFLOW}
+    if "llmpress runtime bf16" in by and "llmpress runtime w4a16 g128" in by:
+        summary.update(bf16_pct_of_limit=next(r["pct_of_limit"] for r in rows if r["runtime"] == "llmpress runtime bf16"),
+                       w4_vs_our_bf16=by["llmpress runtime w4a16 g128"] / by["llmpress runtime bf16"],
+                       w4_vs_eager_bf16=by["llmpress runtime w4a16 g128"] / by["transformers eager bf16"])
+        if "transformers eager + torchao int4" in by:
+            summary["w4_vs_torchao_eager"] = by["llmpress runtime w4a16 g128"] / by["transformers eager + torchao int4"]
+    if "llmpress runtime bf16 compiled" in by and "llmpress runtime w4a16 g128 compiled" in by:
+        lim = next(r["bandwidth_limit_tokens_per_s"] for r in rows if r["runtime"] == "llmpress runtime bf16 compiled")
         summary["compiled_bf16_pct_of_limit"] = 100 * by["llmpress runtime bf16 compiled"] / lim
         summary["compiled_w4_vs_compiled_bf16"] = by["llmpress runtime w4a16 g128 compiled"] / by["llmpress runtime bf16 compiled"]
         if "transformers eager + torchao int4" in by:
@@ -209,6 +245,8 @@ def main() -> None:
     ap.add_argument("--eager-tokens", type=int, default=64)
     ap.add_argument("--spec", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also the runtime with the decode step through torch.compile")
+    ap.add_argument("--ablate", action="store_true",
+                    help="with --compile: also compiled rows without fused projections, W4 with PDL and with the other overflow guard")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--n-prompts", type=int, default=8)
@@ -222,6 +260,9 @@ def main() -> None:
     if not args.spec:
         print(f"{'runtime':36s} {'tok/s':>8s} {'limit':>8s} {'%limit':>7s}")
         for r in res["rows"]:
+            if "error" in r:
+                print(f"{r['runtime']:36s} FAILED")
+                continue
             print(f"{r['runtime']:36s} {r['tokens_per_s']:8.1f} {r['bandwidth_limit_tokens_per_s']:8.1f} {r['pct_of_limit']:7.1f}")
         print(json.dumps(res["summary"]))
 

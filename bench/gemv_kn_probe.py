@@ -86,6 +86,71 @@ def _gemv_kn(X, QT, ST, ZT, O, WS, CNT, N, K, GS,
     tw._store_row(acc, offs_n, n_ok, X, O, WS, CNT, pid_n, SPLIT, False)
 
 
+@triton.jit
+def _kn_floor(QT, ST, O, WS, CNT, N, BLOCK_N: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr,
+              MODE: tl.constexpr):
+    """Diagnostic (not a matmul): the K-major GEMV's grid and loads with almost no arithmetic,
+    to split its time into reading and finishing. Each program loads BW word rows and one
+    scale row of its column tile and sums the words per column; then MODE 0 stores that in
+    its own slot (no atomics: the read floor of this grid), 1 adds it atomically into the
+    workspace (no arrival counter), 2 finishes like the shipped kernel (atomics, counter, the
+    last program of the tile writes y and re-zeroes)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ri = tl.arange(0, BW)
+    w0 = pid_k * BW
+    p = tl.load(QT + (w0 + ri)[:, None] * N + offs_n[None, :])
+    sc = tl.load(ST + (w0 // 16) * N + offs_n).to(tl.float32)
+    v = tl.sum(p, axis=0).to(tl.float32) * sc
+    if MODE == 0:
+        tl.store(WS + pid_k * N + offs_n, v)
+    elif MODE == 1:
+        tl.atomic_add(WS + offs_n, v)
+    else:
+        tw._store_row(v, offs_n, offs_n < N, O, O, WS, CNT, pid_n, SPLIT, False)
+
+
+def floor(dev, ceil: float, out: str) -> None:
+    """Where the shipped K-major GEMV's time goes (W4 g128, M = 1): its time against
+    ``_kn_floor`` in each MODE over the same bytes and grids, and bf16 cuBLAS."""
+    rows = []
+    for n, k in SHAPES + [(6144, 4096), (28672, 4096)]:
+        torch.manual_seed(0)
+        w = torch.randn(n, k, device=dev) * 0.02
+        r = max(4, int(200e6 // (n * k * 2)) + 1)
+        wb = [w.to(torch.bfloat16).clone() for _ in range(r)]
+        p0 = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16)
+        ps = [p0] + [p0.clone() for _ in range(r - 1)]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        res = [("bf16 cuBLAS", graph_time([lambda W=W: F.linear(x, W) for W in wb]), n * k * 2)]
+        tw.matmul(x, p0)
+        res.append((f"shipped (autotuned {tw._gemv_kn_tuned.best_config.kwargs})",
+                    graph_time([lambda P=P: tw.matmul(x, P) for P in ps]), p0.nbytes))
+        kw = p0.qw.shape[0]
+        for bn, bw, wp in ((512, 16, 4), (1024, 16, 8), (512, 32, 8), (256, 16, 4)):
+            if n % bn or kw % bw:
+                continue
+            split = kw // bw
+            ws = torch.zeros(split * n, device=dev)
+            cnt = torch.zeros(n // bn, device=dev, dtype=torch.int32)
+            o = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+            for mode in (0, 1, 2):
+                def call(P, mode=mode, bn=bn, bw=bw, wp=wp, split=split, ws=ws, cnt=cnt, o=o):
+                    _kn_floor[(n // bn, split)](P.qw, P.scale, o, ws, cnt, n, BLOCK_N=bn, BW=bw, SPLIT=split, MODE=mode,
+                                                num_warps=wp, num_stages=1)
+                if mode == 2:
+                    ws.zero_()
+                res.append((f"floor mode {mode} ({bn}, {bw}, {wp} warps)", graph_time([lambda P=P: call(P) for P in ps]),
+                            p0.qw.numel() * 4 + p0.scale.numel() * 2))
+        for name, t, nb in res:
+            rows.append({"shape": f"{n}x{k}", "kernel": name, "ms": t * 1e3, "bytes": nb, "pct_copy_ceiling": 100 * nb / t / ceil})
+            print(f"  {n}x{k} {name:70s} {t * 1e6:7.1f} us {100 * nb / t / ceil:5.1f}%", flush=True)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, "gemv-kn-floor.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(), "copy_ceiling_tb_s": ceil / 1e12, "rows": rows}, indent=1))
+
+
 def kn_layout(p: layout.PackedWeight):
     """Words [KW, N], scales / zero points [G, N] (4-bit only)."""
     assert p.bits == 4
@@ -120,10 +185,14 @@ def interpret_check() -> None:
 
 
 def shipped(dev, ceil: float, out: str) -> None:
-    """The shipped K-major GEMV (triton_wa16._gemv_kn_kernel): its autotuned pick, then each of
-    its configurations with and without the fp16-overflow redo (CHECK), W4 g128 sym, M = 1."""
+    """The shipped K-major GEMV (triton_wa16._gemv_kn_kernel), W4 g128 sym, M = 1: its autotuned
+    pick with and without programmatic dependent launch (PDL), then the first configurations
+    with each overflow guard (check: the float32 redo; none; xscale) and PDL off / on. The
+    fused decode shapes (q/k/v 6144x4096, gate/up 28672x4096) get the autotuned rows only."""
     rows = []
-    for n, k in SHAPES:
+    print(f"PDL supported by this Triton: {tw._PDL_SUPPORTED}", flush=True)
+    pdls = (False, True) if tw._PDL_SUPPORTED else (False,)
+    for n, k in SHAPES + [(6144, 4096), (28672, 4096)]:
         torch.manual_seed(0)
         w = torch.randn(n, k, device=dev) * 0.02
         r = max(4, int(200e6 // (n * k * 2)) + 1)
@@ -131,39 +200,58 @@ def shipped(dev, ceil: float, out: str) -> None:
         p0 = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16)
         ps = [p0] + [p0.clone() for _ in range(r - 1)]
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        ref = layout.reference_matmul(x.float(), p0).float()
         t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])
-        tw.matmul(x, p0)
-        t_auto = graph_time([lambda P=P: tw.matmul(x, P) for P in ps])
-        pick = str(tw._gemv_kn_tuned.best_config)
-        res = [("autotuned " + pick, t_auto)]
+        res = []
+        for pdl in pdls:
+            tw.GEMV_PDL = pdl
+            for ov in ("check", "xscale"):
+                tw.KN_OVERFLOW = ov
+                try:
+                    y = tw.matmul(x, p0)
+                    y = tw.matmul(x, p0)  # (the second call of a weight is the first with PDL)
+                    err = float((y.float() - ref).norm() / ref.norm())
+                    t = graph_time([lambda P=P: tw.matmul(x, P) for P in ps])
+                    res.append((f"autotuned {ov} pdl={pdl} err={err:.1e} pick {tw._gemv_kn_tuned.best_config}", t))
+                except Exception as e:  # noqa: BLE001
+                    print(f"  autotuned {ov} pdl={pdl} FAILED {e!r}"[:300], flush=True)
+        tw.GEMV_PDL, tw.KN_OVERFLOW = tw._PDL_SUPPORTED, "check"
         ws, cnt = tw._workspace(dev, 1, n)
-        for cfg in tw._KN_CONFIGS[:6]:  # the probe's best (the rest are for narrow layers / small groups)
+        for cfg in (tw._KN_CONFIGS[:4] if (n, k) in SHAPES else []):
             bn, bw, st, wp = cfg
             if not tw._kn_fits(bw, st, 128, k, p0.qw.shape[0]):
                 continue
             h = tw._kn_heuristics(dict(K=k, N=n, BW=bw, STEPS=st, BLOCK_N=bn))
             for check, xscale in ((True, False), (False, False), (False, True)):
-                def call(P, xx=x, bn=bn, bw=bw, st=st, wp=wp, h=h, check=check, xscale=xscale):
-                    out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
-                    tw._gemv_kn_kernel[(triton.cdiv(n, bn), h["SPLIT"])](
-                        xx, P.qw, P.scale, P.zero, P.scale, out, ws, cnt, n, k, P.scale.shape[0], 128, P.scale.stride(0),
-                        HAS_BIAS=False, BLOCK_N=bn, BW=bw, STEPS=st, SPLIT=h["SPLIT"], EVEN=h["EVEN"], F16X2=True,
-                        CHECK=check, XSCALE=xscale, num_warps=wp, num_stages=1)
-                    return out
-                ref = layout.reference_matmul(x.float(), p0).float()
-                err = float((call(p0).float() - ref).norm() / ref.norm())
-                big = x * 3e4  # fp16 sums overflow at c = 1/4: the redo (check) or the scaling must hold
-                refb = layout.reference_matmul(big.float(), p0).float()
-                errb = float((call(p0, big).float() - refb).norm() / refb.norm())
-                res.append((f"{cfg} check={check} xscale={xscale} err={err:.1e} big={errb:.1e}",
-                            graph_time([lambda P=P: call(P) for P in ps])))
+                for pdl in pdls:
+                    def call(P, xx=x, bn=bn, bw=bw, st=st, wp=wp, h=h, check=check, xscale=xscale, pdl=pdl):
+                        o = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+                        extra = dict(PDL=True, launch_pdl=True) if pdl else {}
+                        tw._gemv_kn_kernel[(triton.cdiv(n, bn), h["SPLIT"])](
+                            xx, P.qw, P.scale, P.zero, P.scale, o, ws, cnt, n, k, P.scale.shape[0], 128, P.scale.stride(0),
+                            HAS_BIAS=False, BLOCK_N=bn, BW=bw, STEPS=st, SPLIT=h["SPLIT"], EVEN=h["EVEN"], F16X2=True,
+                            CHECK=check, XSCALE=xscale, num_warps=wp, num_stages=1, **extra)
+                        return o
+                    try:
+                        err = float((call(p0).float() - ref).norm() / ref.norm())
+                        big = x * 3e4  # fp16 sums overflow at c = 1/4: the redo (check) or the scaling must hold
+                        refb = layout.reference_matmul(big.float(), p0).float()
+                        errb = float((call(p0, big).float() - refb).norm() / refb.norm())
+                        res.append((f"{cfg} check={check} xscale={xscale} pdl={pdl} err={err:.1e} big={errb:.1e}",
+                                    graph_time([lambda P=P: call(P) for P in ps])))
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  {cfg} check={check} xscale={xscale} pdl={pdl} FAILED {e!r}"[:300], flush=True)
         for name, t in res:
             rows.append({"shape": f"{n}x{k}", "kernel": name, "ms": t * 1e3, "pct_copy_ceiling": 100 * p0.nbytes / t / ceil,
                          "speedup_vs_bf16": t_bf / t})
-            print(f"  {n}x{k} {name:60s} {t * 1e6:7.1f} us {100 * p0.nbytes / t / ceil:5.1f}% {t_bf / t:5.2f}x", flush=True)
+            print(f"  {n}x{k} {name:80s} {t * 1e6:7.1f} us {100 * p0.nbytes / t / ceil:5.1f}% {t_bf / t:5.2f}x", flush=True)
+        rows.append({"shape": f"{n}x{k}", "kernel": "bf16 cuBLAS", "ms": t_bf * 1e3,
+                     "pct_copy_ceiling": 100 * n * k * 2 / t_bf / ceil, "speedup_vs_bf16": 1.0})
+        print(f"  {n}x{k} {'bf16 cuBLAS':80s} {t_bf * 1e6:7.1f} us {100 * n * k * 2 / t_bf / ceil:5.1f}%", flush=True)
         Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, "gemv-kn-shipped.json").write_text(json.dumps(
-            {"device": torch.cuda.get_device_name(), "copy_ceiling_tb_s": ceil / 1e12, "rows": rows}, indent=1))
+            {"device": torch.cuda.get_device_name(), "copy_ceiling_tb_s": ceil / 1e12, "triton": triton.__version__,
+             "pdl_supported": tw._PDL_SUPPORTED, "rows": rows}, indent=1))
 
 
 def main() -> None:
@@ -171,6 +259,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/out")
     ap.add_argument("--interpret", action="store_true")
     ap.add_argument("--shipped", action="store_true", help="time the shipped K-major GEMV's configurations")
+    ap.add_argument("--floor", action="store_true", help="split the shipped GEMV's time: read floor, atomics, finish")
     args = ap.parse_args()
     if args.interpret:
         interpret_check()
@@ -180,6 +269,9 @@ def main() -> None:
     print(f"copy ceiling {ceil / 1e12:.2f} TB/s on {torch.cuda.get_device_name()}", flush=True)
     if args.shipped:
         shipped(dev, ceil, args.out)
+        return
+    if args.floor:
+        floor(dev, ceil, args.out)
         return
     # correctness on ragged-ish shapes (N not a tile multiple), both paths
     g = torch.Generator().manual_seed(3)

@@ -151,7 +151,7 @@ def gpu(args) -> dict:
     print(f"copy ceiling {ceil / 1e12:.2f} TB/s (read + write) on {torch.cuda.get_device_name()}", flush=True)
     checks = check(dev, args.checks)
     bad = [r for r in checks if not r["ok"]]
-    print(f"correctness: {len(checks) - len(bad)}/{len(checks)} cases within 1e-2 (worst {max(r['rel_err'] for r in checks):.2e})", flush=True)
+    print(f"correctness: {len(checks) - len(bad)}/{len(checks)} cases within 1e-2 (worst {max((r['rel_err'] for r in checks), default=0.0):.2e})", flush=True)
     for r in bad:
         print("  FAIL", r)
     try:
@@ -217,6 +217,21 @@ def gpu(args) -> dict:
                 t = graph_time([lambda P=P: matmul(x, P) for P in ps])
                 rows.append({**base, "kernel": f"llmpress {name}", "ms": t * 1e3, "weight_bytes": ps[0].nbytes,
                              "pct_copy_ceiling": 100 * ps[0].nbytes / t / ceil, "speedup_vs_bf16": t_bf16 / t})
+                if m == 1 and name == variants[0][0] and args.m1_ablate:  # the K-major GEMV's options
+                    from llmpress.kernels import triton_wa16 as tw
+
+                    ov, pdl = tw.KN_OVERFLOW, tw.GEMV_PDL
+                    alts = [(f"{'check' if ov == 'xscale' else 'xscale'} guard", "check" if ov == "xscale" else "xscale", pdl)]
+                    if tw._PDL_SUPPORTED:
+                        alts.append(("PDL" if not pdl else "no PDL", ov, not pdl))
+                    for label, o, pd in alts:
+                        tw.KN_OVERFLOW, tw.GEMV_PDL = o, pd
+                        matmul(x, ps[0])
+                        t = graph_time([lambda P=P: matmul(x, P) for P in ps])
+                        rows.append({**base, "kernel": f"llmpress {name}, {label}", "ms": t * 1e3,
+                                     "weight_bytes": ps[0].nbytes, "pct_copy_ceiling": 100 * ps[0].nbytes / t / ceil,
+                                     "speedup_vs_bf16": t_bf16 / t})
+                    tw.KN_OVERFLOW, tw.GEMV_PDL = ov, pdl
             for label, mods in (("torchao int4 g128", tao), ("bitsandbytes nf4", bnbw)):
                 if not mods:
                     continue
@@ -280,6 +295,8 @@ def main() -> None:
     ap.add_argument("--prefill", action="store_true", help="also time M = 512 and 2048")
     ap.add_argument("--shapes", help="comma-separated NxK subset of the default shapes")
     ap.add_argument("--ms", help="comma-separated M values (default 1,2,4,8,16,32,64)")
+    ap.add_argument("--m1-ablate", action="store_true",
+                    help="M = 1, W4 g128 sym: also the other fp16-overflow guard and PDL on / off")
     ap.add_argument("--partial", help="rewrite this JSON after every M (a run cut short keeps its rows)")
     args = ap.parse_args()
     res = cpu(args) if args.cpu else gpu(args)
