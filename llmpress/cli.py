@@ -251,7 +251,7 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly")
     p.add_argument("--compile", action="store_true",
                    help="decode step through torch.compile (fuses norms / rotary / activations; compiles once, "
-                        "~1-3 min for an 8B model; 1.27x bf16 and 1.41x W4 tokens/s on an H100, BENCHMARKS.md)")
+                        "~1-3 min for an 8B model; 1.30x bf16 and 1.52x W4 tokens/s on an H100, BENCHMARKS.md)")
     p.add_argument("--no-fuse", action="store_true",
                    help="keep q/k/v and gate/up as separate matmuls (fused by default on a GPU: llmpress.fuse)")
     p.add_argument("--max-len", type=int, default=None, help="static KV cache length (default: what the run needs)")
