@@ -111,18 +111,27 @@ def _kn_floor(QT, ST, O, WS, CNT, N, BLOCK_N: tl.constexpr, BW: tl.constexpr, SP
         tw._store_row(v, offs_n, offs_n < N, O, O, WS, CNT, pid_n, SPLIT, False)
 
 
+FUSED_SHAPES = [(6144, 4096), (28672, 4096)]  # Llama-3-8B's q/k/v and gate/up, stacked
+
+
+def _w4_copies(dev, n: int, k: int):
+    """bf16 copies and W4 g128 sym K-major packs of one seeded weight (more than 200 MB of bf16
+    in all, so that a graph of calls reads from HBM), and an x row."""
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device=dev) * 0.02
+    r = max(4, int(200e6 // (n * k * 2)) + 1)
+    wb = [w.to(torch.bfloat16).clone() for _ in range(r)]
+    p0 = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16)
+    x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+    return wb, p0, [p0] + [p0.clone() for _ in range(r - 1)], x
+
+
 def floor(dev, ceil: float, out: str) -> None:
     """Where the shipped K-major GEMV's time goes (W4 g128, M = 1): its time against
     ``_kn_floor`` in each MODE over the same bytes and grids, and bf16 cuBLAS."""
     rows = []
-    for n, k in SHAPES + [(6144, 4096), (28672, 4096)]:
-        torch.manual_seed(0)
-        w = torch.randn(n, k, device=dev) * 0.02
-        r = max(4, int(200e6 // (n * k * 2)) + 1)
-        wb = [w.to(torch.bfloat16).clone() for _ in range(r)]
-        p0 = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16)
-        ps = [p0] + [p0.clone() for _ in range(r - 1)]
-        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+    for n, k in SHAPES + FUSED_SHAPES:
+        wb, p0, ps, x = _w4_copies(dev, n, k)
         res = [("bf16 cuBLAS", graph_time([lambda W=W: F.linear(x, W) for W in wb]), n * k * 2)]
         tw.matmul(x, p0)
         res.append((f"shipped (autotuned {tw._gemv_kn_tuned.best_config.kwargs})",
@@ -192,14 +201,8 @@ def shipped(dev, ceil: float, out: str) -> None:
     rows = []
     print(f"PDL supported by this Triton: {tw._PDL_SUPPORTED}", flush=True)
     pdls = (False, True) if tw._PDL_SUPPORTED else (False,)
-    for n, k in SHAPES + [(6144, 4096), (28672, 4096)]:
-        torch.manual_seed(0)
-        w = torch.randn(n, k, device=dev) * 0.02
-        r = max(4, int(200e6 // (n * k * 2)) + 1)
-        wb = [w.to(torch.bfloat16).clone() for _ in range(r)]
-        p0 = layout.pack(make_qw(w.float(), QuantScheme(4, True, "group", 128)), torch.bfloat16)
-        ps = [p0] + [p0.clone() for _ in range(r - 1)]
-        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+    for n, k in SHAPES + FUSED_SHAPES:
+        wb, p0, ps, x = _w4_copies(dev, n, k)
         ref = layout.reference_matmul(x.float(), p0).float()
         t_bf = graph_time([lambda W=W: F.linear(x, W) for W in wb])
         res = []

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _ATTR = "_llmpress_fusion"
-_FUSIONS: dict[int, Fusion] = {}
+_FUSIONS: weakref.WeakValueDictionary[int, Fusion] = weakref.WeakValueDictionary()  # the compiled op's handles
 
 
 class Fusion:

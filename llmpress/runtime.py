@@ -64,6 +64,10 @@ class Runtime:
     >>> rt = Runtime(model, max_len=2048)
     >>> ids, stats = rt.generate(prompt_ids, max_new_tokens=128)            # greedy
     >>> ids, stats = rt.generate(prompt_ids, 128, temperature=0.7, top_k=50)  # sampled in the graph
+
+    ``fuse`` (default: on a GPU) stacks each block's q/k/v and gate/up projections into one
+    matmul each, in place on ``model`` (:mod:`llmpress.fuse`; names, state dict and outputs
+    unchanged); ``llmpress.fuse.unfuse_projections(model)`` undoes it.
     """
 
     def __init__(self, model: nn.Module, max_len: int = 2048, cuda_graph: bool | None = None,

@@ -78,6 +78,21 @@ def test_gradients_reach_member_parameters():
     unfuse_projections(m)
 
 
+def test_fusions_die_with_their_model():
+    """The op registry holds no model alive (a stacked quantized layout can be gigabytes)."""
+    import gc
+
+    from llmpress import fuse
+
+    m = _quantize(tiny_model("llama"))
+    fuse_projections(m)
+    handles = {m.model.layers[0].self_attn.q_proj.__dict__[fuse._ATTR][0].handle}
+    assert handles <= set(fuse._FUSIONS.keys())
+    del m
+    gc.collect()
+    assert not handles & set(fuse._FUSIONS.keys())
+
+
 def test_mixed_groups_are_left_alone():
     """A group whose members differ (one quantized, one dense) is not fused."""
     m = tiny_model("llama")
