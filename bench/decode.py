@@ -28,7 +28,7 @@ import torch
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmpress.runtime import Runtime, SpeculativeRuntime  # noqa: E402
+from llmpress.runtime import Runtime, SpeculativeRuntime, _sync  # noqa: E402
 
 
 def llama8b_config(layers: int):
@@ -236,6 +236,67 @@ def spec(args) -> dict:
     return res
 
 
+def spec_cost(args) -> dict:
+    """What a speculative round costs on this machine, as ratios to one target step: the
+    target's forward over 1, 2 and k + 1 tokens, the compressed draft's forward over 1 token
+    (and its share spent outside the matmuls), and the draft's decode step eager and through
+    torch.compile. A round of k proposals pays k draft steps plus one (k + 1)-token target
+    forward for its accepted tokens + 1."""
+    import llmpress as lp
+
+    dev = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    tdt = torch.bfloat16 if dev == "cuda" else torch.float32
+    target = lp.load("smollm2-135m", dtype=tdt, device=dev)
+    draft = lp.load("smollm2-135m", dtype=torch.bfloat16, device=dev)
+    lp.compress(draft, lp.recipe(args.draft_recipe, group_size=args.draft_group), progress=False)
+    ids = torch.randint(100, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(dev)
+
+    def forward_ms(model, t: int, reps: int = 15) -> float:
+        rt = Runtime(model, max_len=args.prompt + 16, cuda_graph=False)
+        with torch.inference_mode():
+            rt._set_length(0)
+            rt._forward(ids, torch.arange(args.prompt, device=dev).reshape(1, -1))
+            ts = []
+            for _ in range(reps):
+                rt._set_length(args.prompt)
+                _sync(torch.device(dev))
+                t0 = time.perf_counter()
+                rt._forward(ids[:, :t], torch.arange(args.prompt, args.prompt + t, device=dev).reshape(1, -1), keep=0)
+                _sync(torch.device(dev))
+                ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    def step_ms(model, compile: bool) -> float:
+        rt = Runtime(model, max_len=args.prompt + args.new + 8, compile=compile, fuse=False)
+        rt.generate(ids, 8)
+        return 1e3 / statistics.median(rt.generate(ids, args.new)[1].decode_tps for _ in range(3))
+
+    t1 = forward_ms(target, 1)
+    res = {"device": dev, "target": f"smollm2-135m {tdt}", "draft": f"smollm2-135m bf16 {args.draft_recipe} g{args.draft_group}",
+           "k": args.k, "ratios_to_target_1_token_forward": {
+               "target forward, 2 tokens": forward_ms(target, 2) / t1,
+               f"target forward, {args.k + 1} tokens": forward_ms(target, args.k + 1) / t1,
+               "draft forward, 1 token": forward_ms(draft, 1) / t1,
+               "draft decode step, eager": step_ms(draft, False) / t1,
+               "draft decode step, torch.compile": step_ms(draft, True) / t1}}
+    from torch.profiler import ProfilerActivity, profile
+
+    rt = Runtime(draft, max_len=args.prompt + 32, cuda_graph=False)
+    rt.generate(ids, 4)
+    with torch.inference_mode():
+        step = rt._decode_fn(None, None, True)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                step()
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev)
+    mm = sum(e.self_cpu_time_total for e in ev if "int4pack_mm" in e.key or e.key in ("aten::mm", "aten::addmm"))
+    res["draft_step_share_in_matmuls"] = mm / total
+    print(json.dumps(res, indent=1))
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
@@ -244,6 +305,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--eager-tokens", type=int, default=64)
     ap.add_argument("--spec", action="store_true")
+    ap.add_argument("--spec-cost", action="store_true", help="a speculative round's parts as ratios to one target step")
     ap.add_argument("--compile", action="store_true", help="also the runtime with the decode step through torch.compile")
     ap.add_argument("--ablate", action="store_true",
                     help="with --compile: also compiled rows without fused projections, W4 with PDL and with the other overflow guard")
@@ -253,6 +315,11 @@ def main() -> None:
     ap.add_argument("--draft-recipe", default="w4a16-rtn")
     ap.add_argument("--draft-group", type=int, default=64)
     args = ap.parse_args()
+    if args.spec_cost:
+        res = spec_cost(args)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"spec-cost-{res['device']}.json").write_text(json.dumps(res, indent=1))
+        return
     res = spec(args) if args.spec else gpu(args)
     name = "spec-decode.json" if args.spec else "gpu-decode.json"
     Path(args.out).mkdir(parents=True, exist_ok=True)
