@@ -38,9 +38,8 @@ _FUSIONS: weakref.WeakValueDictionary[int, Fusion] = weakref.WeakValueDictionary
 class Fusion:
     """One group's stacked matmul; ``sizes`` are the members' output widths in order."""
 
-    def __init__(self, members: list[nn.Module], sizes: list[int], weight: torch.Tensor | None = None,
-                 packed=None, bias: torch.Tensor | None = None) -> None:
-        self.members = members
+    def __init__(self, sizes: list[int], weight: torch.Tensor | None = None, packed=None,
+                 bias: torch.Tensor | None = None) -> None:
         self.sizes = sizes
         self.weight, self.packed, self.bias = weight, packed, bias
         self.handle = id(self)
@@ -91,6 +90,8 @@ def _member_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     fu, i = self.__dict__[_ATTR]
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
         return type(self).forward(self, x)  # training: the member's own forward, so gradients reach its parameters
+    if fu.packed is not None and x.dtype != fu.packed.scale.dtype:
+        return type(self).forward(self, x)  # the stacked layout was packed for another activation dtype
     return fu.part(i, x)
 
 
@@ -109,7 +110,7 @@ def _dense(ms: list[nn.Module]) -> Fusion | None:
         if b is not None:
             for m, part in zip(ms, b.split(sizes, 0)):
                 m.bias.data = part
-    return Fusion(ms, sizes, weight=w, bias=b)
+    return Fusion(sizes, weight=w, bias=b)
 
 
 def _quant(ms: list[nn.Module], dtype: torch.dtype) -> Fusion | None:
@@ -131,7 +132,7 @@ def _quant(ms: list[nn.Module], dtype: torch.dtype) -> Fusion | None:
     for m in ms:  # the members' own packs: rebuilt only if a member is ever called alone
         m.__dict__.pop("_kernel_cache", None)
     b = None if ms[0].bias is None else torch.cat([m.bias.detach().to(dtype) for m in ms], 0)
-    return Fusion(ms, [m.out_features for m in ms], packed=p, bias=b)
+    return Fusion([m.out_features for m in ms], packed=p, bias=b)
 
 
 def fuse_projections(model: nn.Module, dtype: torch.dtype | None = None) -> int:

@@ -93,6 +93,21 @@ def test_fusions_die_with_their_model():
     assert not handles & set(fuse._FUSIONS.keys())
 
 
+def test_other_activation_dtype_takes_the_member_path():
+    """A quantized group packed for float32 activations: a bf16 input runs the member's own
+    forward (its own kernel path) instead of the float32 stacked layout."""
+    m = _quantize(tiny_model("llama"))
+    attn = m.model.layers[0].self_attn
+    x = torch.randn(1, 2, m.config.hidden_size).bfloat16()
+    with torch.no_grad():
+        want = type(attn.k_proj).forward(attn.k_proj, x)
+        fuse_projections(m, torch.float32)
+        got = attn.k_proj(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+    unfuse_projections(m)
+
+
 def test_mixed_groups_are_left_alone():
     """A group whose members differ (one quantized, one dense) is not fused."""
     m = tiny_model("llama")
