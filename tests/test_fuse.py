@@ -29,7 +29,8 @@ def _ids(n: int = 9) -> torch.Tensor:
     return torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("arch,quant", [("llama", False), ("qwen2", False), ("llama", True), ("qwen2", True)])
+@pytest.mark.parametrize("arch,quant", [("llama", False), ("qwen2", False), ("gemma3", False), ("llama", True), ("qwen2", True),
+                                        ("gemma3", True)])
 def test_fused_logits_state_dict_and_unfuse(arch, quant):
     m = tiny_model(arch)
     if quant:
