@@ -121,7 +121,7 @@ def check(dev, n_cases: int = 40, seed: int = 0) -> list[dict]:
         desc = {"nf4": "nf4 b64", "hqq": "hqq int4 g64 float zero"}[sch] if isinstance(sch, str) else sch.describe()
         p = layout.pack(q, torch.bfloat16).to(dev)
         x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
-        if i % 7 == 3:  # large activations: the packed-half GEMVs' fp16 sums overflow and redo in float32
+        if i % 7 == 3:  # large activations: the packed-half GEMVs' fp16 sums would overflow without their guard
             x = x * 3000
         b = torch.randn(n, generator=g).to(dev, torch.bfloat16) if i % 2 else None
         ref = layout.reference_matmul(x.float(), layout.pack(q, torch.float32).to(dev), None if b is None else b.float())

@@ -95,12 +95,14 @@ def _member_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return fu.part(i, x)
 
 
+def _alike(ms: list[nn.Module], key) -> bool:
+    return all(key(m) == key(ms[0]) for m in ms)
+
+
 def _dense(ms: list[nn.Module]) -> Fusion | None:
-    w0 = ms[0].weight
-    if any(type(m) is not nn.Linear for m in ms) or any(
-            (m.weight.dtype, m.weight.device, m.in_features, m.bias is None) != (w0.dtype, w0.device, ms[0].in_features,
-                                                                                  ms[0].bias is None) for m in ms):
-        return None
+    if any(type(m) is not nn.Linear for m in ms) or not _alike(
+            ms, lambda m: (m.weight.dtype, m.weight.device, m.in_features, m.bias is None)):
+        return None  # (type first: a compressed linear's ``weight`` dequantizes)
     sizes = [m.out_features for m in ms]
     with torch.no_grad():
         w = torch.cat([m.weight.detach() for m in ms], 0)
@@ -118,9 +120,8 @@ def _quant(ms: list[nn.Module], dtype: torch.dtype) -> Fusion | None:
     from llmpress.kernels import layout
     from llmpress.nn import QuantLinear
 
-    if any(type(m) is not QuantLinear or m.act is not None for m in ms):
-        return None
-    if any((m.scheme, m.in_features, m.bias is None) != (ms[0].scheme, ms[0].in_features, ms[0].bias is None) for m in ms):
+    if any(type(m) is not QuantLinear or m.act is not None for m in ms) or not _alike(
+            ms, lambda m: (m.scheme, m.in_features, m.bias is None)):
         return None
     dev = ms[0].scale.device
     try:
@@ -170,7 +171,7 @@ def unfuse_projections(model: nn.Module) -> int:
             continue
         fu, _ = entry
         m.__dict__.pop("forward", None)
-        if isinstance(m, nn.Linear) and type(m) is nn.Linear:
+        if type(m) is nn.Linear:
             with torch.no_grad():
                 m.weight.data = m.weight.detach().clone()
                 if m.bias is not None:

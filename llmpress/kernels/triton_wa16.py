@@ -55,13 +55,14 @@ except ImportError:  # an older Triton: the kernels never take the PDL branch
 # The K-major GEMV launched with programmatic dependent launch (LLMPRESS_PDL=1; compute
 # capability 9.0+): it may start while the kernel before it finishes, requesting its (constant)
 # weights before waiting for x. Off by default: on an H100 it did not speed up a chain of
-# GEMVs and slowed the compiled W4 decode step by 5% (bench/results/gemv-kn-shipped.json,
+# GEMVs and slowed the compiled W4 decode step by 5-9% (bench/results/gemv-kn-shipped.json,
 # gpu-decode.json's ablation rows).
 GEMV_PDL = os.environ.get("LLMPRESS_PDL", "0") == "1" and _PDL_SUPPORTED
 # The K-major GEMV's guard against fp16 overflow in its packed-half sums: "xscale" (default: x
 # scaled per step by a power of two that keeps every sum finite, from the x values each thread
 # already holds) or "check" (a block-wide test of the sums, then the program's share again in
-# float32 where one overflowed: 13-20% slower on the large decode shapes of an H100)
+# float32 where one overflowed). The two measured the same within the run-to-run spread on an
+# H100 (BENCHMARKS.md); xscale has no data-dependent slow path
 KN_OVERFLOW = os.environ.get("LLMPRESS_KN_OVERFLOW", "xscale")
 if KN_OVERFLOW not in ("xscale", "check"):
     raise ValueError(f"LLMPRESS_KN_OVERFLOW={KN_OVERFLOW!r}; allowed: xscale, check")
@@ -510,10 +511,10 @@ def _gemv_kn_kernel(X, QT, ST, ZT, B, O, WS, CNT, N, K, G, GS, stride_sg,
     coalesced line across its BLOCK_N columns, with no loop over K; the SPLIT = Kp / (8 BW STEPS)
     partial sums of a column tile meet in the zeroed workspace (``_store_row``). Many small
     programs keep more loads in flight than a loop per column tile: 59-61% of the copy ceiling
-    on the large decode shapes of an H100 against 40-42% for ``_gemv_kernel``
+    on the large decode shapes of an H100 against 40-42% for ``_gemv_kernel`` in the probe
     (``bench/gemv_kn_probe.py``). A step lies inside one group; its x values are shared by
     every column of the tile. Codes as in ``_gemv_kernel``: packed half precision on the GPU
-    (F16X2, with the float32 redo when an fp16 sum overflows), float32 otherwise.
+    (F16X2, with an fp16-overflow guard), float32 otherwise.
     EVEN: whole column tiles and K a multiple of the packing's padding (no masks). XSCALE (the
     default guard, KN_OVERFLOW) scales x per step so that no fp16 sum can overflow, instead of
     the CHECK redo; CHECK=False without XSCALE has no guard (measurement only:
@@ -942,10 +943,11 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
         kargs = (x2, p.qw, p.scale, p.zero, b, out, ws, cnt, p.n, p.k, p.scale.shape[0], gs, p.scale.stride(0))
         half = GEMV_F16X2 and not INTERPRET and x.dtype != torch.float32
         kconsts = dict(HAS_BIAS=bias is not None, F16X2=half, XSCALE=half and KN_OVERFLOW == "xscale")
-        # PDL from the second call of a weight on: the first may follow the kernels that packed it
-        if GEMV_PDL and not INTERPRET and p.__dict__.get("_launched", False):
-            kconsts.update(PDL=True, launch_pdl=True)
-        p.__dict__["_launched"] = True
+        if GEMV_PDL and not INTERPRET:
+            # PDL from the second call of a weight on: the first may follow the kernels that packed it
+            if p.__dict__.get("_launched", False):
+                kconsts.update(PDL=True, launch_pdl=True)
+            p.__dict__["_launched"] = True
         if gemv_config is None and not INTERPRET:
             _gemv_kn_tuned[lambda meta: (triton.cdiv(p.n, meta["BLOCK_N"]), meta["SPLIT"])](*kargs, **kconsts)
         else:
